@@ -1,0 +1,312 @@
+"""Executing a merge plan: stream every output tensor from all sources, accumulate in float32, write.
+
+Three threads share the work so that reading overlaps arithmetic and writing:
+
+- a reader fills a small pool of byte buffers, one (tensor chunk, source) at a time, in plan order;
+- the main thread converts each buffer to float32 in cache-sized blocks and accumulates it with the
+  source's weight (``acc += w * x``), then casts the finished chunk to the output dtype;
+- a writer appends finished chunks to the current shard and hashes them.
+
+Large tensors are processed in chunks of ``CHUNK_ELEMS`` elements, so peak memory is a constant set
+of buffers: it grows neither with the number of sources nor with the model's size. The arithmetic is
+elementwise in a fixed order (source 0, 1, ...), so the result is bit-identical whatever the thread
+count. One torch thread is the default: the loop is memory-bound and on small machines a second
+compute thread only competes with the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import ITEMSIZE, CheckpointReader, torch_dtype
+from .errors import HubmergeError, SourceError
+from .plan import BLOCK_ELEMS, CHUNK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan
+from .progress import byte_progress
+from .writer import OutputDir, ShardWriter, sha256_file
+
+PROVENANCE_FILE = "hubmerge.json"
+_STOP = object()
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    files: dict[str, str]  # file name -> sha256
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+
+class _Reader(threading.Thread):
+    """Reads every (tensor, chunk, source) of the plan into pooled buffers, in the order they are used."""
+
+    def __init__(self, plan: MergePlan, buffers: list[Any]) -> None:
+        super().__init__(name="hubmerge-reader", daemon=True)
+        self.plan = plan
+        self.free: queue.Queue[Any] = queue.Queue()
+        for b in buffers:
+            self.free.put(b)
+        self.filled: queue.Queue[Any] = queue.Queue()
+        self.stop = threading.Event()
+        self.readers = [CheckpointReader(ck) for ck in plan.checkpoints]
+
+    def run(self) -> None:
+        try:
+            for t in self.plan.tensors:
+                for start in range(0, max(t.numel, 1), CHUNK_ELEMS):
+                    count = min(CHUNK_ELEMS, t.numel - start)
+                    for s, ck in enumerate(self.plan.checkpoints):
+                        buf = self._get_free()
+                        if buf is None:
+                            return
+                        self.readers[s].read_into(ck.tensors[t.name], start, count, buf)
+                        self.filled.put(buf)
+        except BaseException as e:  # handed to the main thread, which raises it
+            self.filled.put(e)
+        finally:
+            for r in self.readers:
+                r.close()
+
+    def _get_free(self) -> Any:
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def next(self) -> Any:
+        item = self.filled.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class _Writer(threading.Thread):
+    """Writes finished chunks to shard files in order and returns buffers to the compute thread."""
+
+    def __init__(self, buffers: list[Any]) -> None:
+        super().__init__(name="hubmerge-writer", daemon=True)
+        self.free: queue.Queue[Any] = queue.Queue()
+        for b in buffers:
+            self.free.put(b)
+        self.todo: queue.Queue[Any] = queue.Queue()
+        self.hashes: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._shard: ShardWriter | None = None
+
+    def run(self) -> None:
+        while (msg := self.todo.get()) is not _STOP:
+            if self.error is not None:
+                if msg[0] == "data":
+                    self.free.put(msg[1])
+                continue
+            try:
+                if msg[0] == "open":
+                    self._shard = ShardWriter(*msg[1:])
+                elif msg[0] == "data":
+                    assert self._shard is not None
+                    self._shard.write(msg[1][: msg[2]].numpy())
+                    self.free.put(msg[1])
+                else:
+                    assert self._shard is not None
+                    self.hashes[self._shard.path.name] = self._shard.close()
+                    self._shard = None
+            except BaseException as e:
+                self.error = e
+                if msg[0] == "data":
+                    self.free.put(msg[1])
+                if self._shard is not None:
+                    self._shard.abort()
+        if self._shard is not None:
+            self._shard.abort()
+
+    def take(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.free.get()
+
+
+def _accumulate(acc: Any, src: Any, tmp: Any, weight: float, first: bool, on_cpu: bool) -> None:
+    """``acc = w * src`` (first source) or ``acc += w * src``, in float32, cache-block by cache-block."""
+    import torch
+
+    if not on_cpu:
+        x = src.to(acc.device, non_blocking=False).to(torch.float32)
+        if first:
+            torch.mul(x, weight, out=acc)
+        else:
+            acc.add_(x, alpha=weight)
+        return
+    count = src.numel()
+    is_f32 = src.dtype == torch.float32
+    for b0 in range(0, count, BLOCK_ELEMS):
+        b1 = min(count, b0 + BLOCK_ELEMS)
+        a = acc[b0:b1]
+        if first:
+            a.copy_(src[b0:b1])
+            a.mul_(weight)
+        elif is_f32:
+            a.add_(src[b0:b1], alpha=weight)
+        else:
+            t = tmp[: b1 - b0]
+            t.copy_(src[b0:b1])  # fp16/bf16 -> fp32 conversion runs vectorised into a cache-resident block
+            a.add_(t, alpha=weight)
+
+
+def _finish_sidecars(plan: MergePlan, folder: Path) -> None:
+    newest = plan.checkpoints[-1].path
+    for name in plan.sidecar_files:
+        shutil.copyfile(newest / name, folder / name)
+    config = folder / "config.json"
+    if plan.out_dtype and config.is_file():
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in data:
+                data[key] = plan.out_dtype
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_index(plan: MergePlan, folder: Path) -> None:
+    if len(plan.shards) == 1:
+        return
+    index = {
+        "metadata": {"total_size": plan.bytes_written},
+        "weight_map": {t.name: s.file for s in plan.shards for t in s.tensors},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def provenance(plan: MergePlan, files: dict[str, str]) -> dict[str, Any]:
+    """What ``hubmerge.json`` records: enough to audit and reproduce the merge. No timestamps, no tokens."""
+    return {
+        "hubmerge_version": __version__,
+        "name": plan.name,
+        "recipe_file": plan.recipe_file,
+        "recipe": plan.recipe,
+        "method": plan.method,
+        "dtype": plan.out_dtype,
+        "sources": [
+            {**s.to_dict(), "format": ck.format, "files": ck.files, "weight": w}
+            for s, ck, w in zip(plan.sources, plan.checkpoints, plan.weights, strict=True)
+        ],
+        "weights": plan.weights,
+        "tensors": len(plan.tensors),
+        "dropped_aliases": plan.dropped_aliases,
+        **plan.extra_provenance,
+        "files": dict(sorted(files.items())),
+    }
+
+
+def _stream(plan: MergePlan, folder: Path, reader: _Reader, writer: _Writer, acc: Any, tmp: Any, bar: Any) -> None:
+    """The compute loop: tensors in plan order, chunks in order, sources in order."""
+    import torch
+
+    on_cpu = acc.device.type == "cpu"
+    total = len(plan.tensors)
+    done = 0
+    for shard in plan.shards:
+        entries = [(t.name, t.out_dtype, t.shape, t.out_nbytes) for t in shard.tensors]
+        writer.todo.put(("open", folder / shard.file, entries, {"format": "pt"}))
+        for t in shard.tensors:
+            infos = [ck.tensors[t.name] for ck in plan.checkpoints]
+            for start in range(0, max(t.numel, 1), CHUNK_ELEMS):
+                count = min(CHUNK_ELEMS, t.numel - start)
+                out = writer.take()
+                nbytes = count * ITEMSIZE[t.out_dtype]
+                if t.floating:
+                    for s, (info, w) in enumerate(zip(infos, plan.weights, strict=True)):
+                        buf = reader.next()
+                        src = buf[: count * ITEMSIZE[info.dtype]].view(torch_dtype(info.dtype))
+                        _accumulate(acc[:count], src, tmp, w, s == 0, on_cpu)
+                        reader.free.put(buf)
+                        bar.advance(count * ITEMSIZE[info.dtype])
+                    out[:nbytes].view(torch_dtype(t.out_dtype)).copy_(acc[:count])
+                else:
+                    first = reader.next()
+                    for s in range(1, len(infos)):
+                        other = reader.next()
+                        if not torch.equal(first[:nbytes], other[:nbytes]):
+                            raise SourceError(
+                                f"non-floating tensor {t.name!r} differs between {plan.sources[0].describe()} "
+                                f"and {plan.sources[s].describe()}; integer and boolean buffers must be "
+                                "identical in every source"
+                            )
+                        reader.free.put(other)
+                    out[:nbytes].copy_(first[:nbytes])
+                    reader.free.put(first)
+                    bar.advance(nbytes * len(infos))
+                writer.todo.put(("data", out, nbytes))
+            done += 1
+            bar.update(description=f"merging {len(plan.sources)} checkpoints: {done}/{total} tensors")
+        writer.todo.put(("close",))
+
+
+def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, threads: int = 1) -> MergeResult:
+    """Carry out a plan; the output appears at ``plan.output`` only if every step succeeded."""
+    import torch
+
+    began = time.perf_counter()
+    device = torch.device(plan.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HubmergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    in_item = max(ITEMSIZE[t.dtype] for ck in plan.checkpoints for t in ck.tensors.values())
+    out_item = max(ITEMSIZE[t.out_dtype] for t in plan.tensors)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        reader = _Reader(plan, [torch.empty(CHUNK_ELEMS * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)])
+        writer = _Writer([torch.empty(CHUNK_ELEMS * out_item, dtype=torch.uint8) for _ in range(WRITE_BUFFERS)])
+        acc = torch.empty(CHUNK_ELEMS, dtype=torch.float32, device=device)
+        tmp = torch.empty(BLOCK_ELEMS, dtype=torch.float32)
+        out_dir = OutputDir(plan.output, force=force)
+        with (
+            out_dir as folder,
+            byte_progress(f"merging {len(plan.sources)} checkpoints", plan.bytes_read, quiet=quiet) as bar,
+        ):
+            reader.start()
+            writer.start()
+            try:
+                _stream(plan, folder, reader, writer, acc, tmp, bar)
+            finally:
+                reader.stop.set()
+                writer.todo.put(_STOP)
+                writer.join()
+            if writer.error is not None:
+                raise writer.error
+            files = dict(writer.hashes)
+            _write_index(plan, folder)
+            _finish_sidecars(plan, folder)
+            for p in sorted(folder.iterdir()):
+                if p.name not in files:
+                    files[p.name] = sha256_file(p)
+            (folder / PROVENANCE_FILE).write_text(json.dumps(provenance(plan, files), indent=2) + "\n")
+            out_dir.commit()
+    finally:
+        torch.set_num_threads(previous_threads)
+    return MergeResult(plan.output, files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)
+
+
+def plan_recipe(recipe_path: str | Path, *, device: str = "cpu", force: bool = False) -> MergePlan:
+    """Load a recipe file and build its plan (``hubmerge merge --dry-run``); reads headers only."""
+    from .plan import build_plan
+    from .recipe import load_recipe
+
+    recipe, raw = load_recipe(recipe_path)
+    return build_plan(recipe, raw_recipe=raw, recipe_file=str(recipe_path), device=device, force=force)
+
+
+def merge_recipe(
+    recipe_path: str | Path, *, force: bool = False, quiet: bool = False, device: str = "cpu", threads: int = 1
+) -> MergeResult:
+    """``hubmerge merge RECIPE``: plan, check, then stream the merge into ``output.path``."""
+    plan = plan_recipe(recipe_path, device=device, force=force)
+    return execute(plan, force=force, quiet=quiet, threads=threads)

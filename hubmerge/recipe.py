@@ -1,0 +1,149 @@
+"""Merge recipes: YAML files validated by pydantic models that reject unknown keys.
+
+Relative paths in a recipe are resolved against the current working directory, as with mergekit and
+most command-line tools; ``hubmerge demo`` writes absolute paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+from .sizes import parse_size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalSource(_Strict):
+    """A Hugging Face model folder on disk."""
+
+    path: str = Field(min_length=1)
+
+
+class EmaConfig(_Strict):
+    """Exponential moving average over the sources, oldest to newest.
+
+    Source ``t`` of ``n`` (oldest ``t = 1``) gets weight proportional to ``decay ** (n - t)``, so the
+    newest checkpoint is weighted highest and the weights sum to 1.
+    """
+
+    decay: float
+
+    @field_validator("decay")
+    @classmethod
+    def _in_unit_interval(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"must be strictly between 0 and 1 (got {v})")
+        return v
+
+
+class OutputConfig(_Strict):
+    path: str = Field(min_length=1)
+    max_shard_size: int | str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        parse_size(v)
+        return v
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+class Recipe(_Strict):
+    """A merge: which checkpoints, how to weight them, and where the result goes."""
+
+    name: str = Field(min_length=1)
+    sources: list[LocalSource] = Field(min_length=1)
+    method: Literal["uniform", "weighted", "ema"] = "uniform"
+    weights: list[float] | None = None
+    ema: EmaConfig | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _method_options(self) -> Recipe:
+        if self.method == "weighted":
+            if self.weights is None:
+                raise ValueError("method 'weighted' needs 'weights', one per source")
+            if len(self.weights) != len(self.sources):
+                raise ValueError(f"'weights' has {len(self.weights)} entries but there are {len(self.sources)} sources")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("'weights' must be non-negative and not all zero")
+        elif self.weights is not None:
+            raise ValueError(f"'weights' is only used with method 'weighted' (method is '{self.method}')")
+        if self.method == "ema" and self.ema is None:
+            raise ValueError("method 'ema' needs 'ema: {decay: ...}'")
+        if self.method != "ema" and self.ema is not None:
+            raise ValueError(f"'ema' is only used with method 'ema' (method is '{self.method}')")
+        return self
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see the recipe reference in the README)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"field '{loc}': {msg}")
+    return f"{where}: invalid recipe: " + "; ".join(parts)
+
+
+def parse_recipe(data: Any, where: str = "<recipe>") -> Recipe:
+    """Validate an already-parsed mapping; ``where`` names it in error messages."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping with 'name', 'sources' and 'output'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, where)) from None
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
+    """Read and validate a recipe file; return the model and the raw mapping (kept verbatim for provenance)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}:{at}: not valid YAML: {problem}") from None
+    return parse_recipe(data, str(path)), data
+
+
+def check_local_paths(recipe: Recipe, where: str) -> list[Path]:
+    """Resolve every local source, refusing a missing folder by its field, before anything is read."""
+    resolved = []
+    for i, src in enumerate(recipe.sources):
+        p = Path(src.path).expanduser()
+        if not p.exists():
+            raise RecipeError(f"{where}: field 'sources.{i}.path': {src.path!r} does not exist")
+        if not p.is_dir():
+            raise RecipeError(f"{where}: field 'sources.{i}.path': {src.path!r} is not a folder")
+        resolved.append(p.resolve())
+    out = Path(recipe.output.path).expanduser().resolve()
+    for i, p in enumerate(resolved):
+        if out == p or p in out.parents or out in p.parents:
+            raise RecipeError(
+                f"{where}: field 'output.path': {recipe.output.path!r} overlaps source {i} ({p}); "
+                "write the merge somewhere else"
+            )
+    return resolved

@@ -1,0 +1,210 @@
+"""The merge engine against a plain float32 reference, and its guarantees (bounded, atomic, deterministic)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factories import load_state, save_trajectory, write_recipe
+from typer.testing import CliRunner
+
+from hubmerge.averaging import ema_weights, source_weights
+from hubmerge.cli import app
+from hubmerge.merge import merge_recipe, plan_recipe
+from hubmerge.writer import stale_partials
+
+runner = CliRunner()
+
+
+def reference(paths: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Load everything, average in float32: the straightforward computation the engine must equal."""
+    states = [load_state(p) for p in paths]
+    ref = {}
+    for name, t in states[-1].items():
+        if t.is_floating_point():
+            ref[name] = sum(w * s[name].float() for w, s in zip(weights, states, strict=True))
+            # Scale of the summands, to bound float32 accumulation error when sums cancel.
+            ref[name].magnitude = sum(w * s[name].float().abs() for w, s in zip(weights, states, strict=True))
+        else:
+            ref[name] = t
+    return ref
+
+
+def assert_within_rounding(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    for name, r in ref.items():
+        o = out[name]
+        if not r.is_floating_point():
+            assert torch.equal(o, r), name
+            continue
+        assert o.dtype == dtype, name
+        # Equal to the reference rounded to the output dtype (one unit in the last place), plus the
+        # float32 rounding of a differently ordered sum (a few float32 ulps of the summands' scale).
+        eps = torch.finfo(dtype).eps
+        err = (o.float() - r).abs()
+        bound = eps * r.abs() + 4 * torch.finfo(torch.float32).eps * r.magnitude + torch.finfo(dtype).tiny
+        assert bool((err <= bound).all()), f"{name}: max error {err.max().item()}"
+
+
+@pytest.mark.parametrize("fmt", ["single", "sharded", "bin", "bin-sharded"])
+@pytest.mark.parametrize(
+    ("method", "extra", "weights"),
+    [
+        ("uniform", {}, [0.25] * 4),
+        ("weighted", {"weights": [1, 1, 2, 4]}, [1 / 8, 1 / 8, 2 / 8, 4 / 8]),
+        ("ema", {"ema": {"decay": 0.5}}, ema_weights(4, 0.5)),
+    ],
+)
+def test_merge_equals_float32_reference(tmp_path, fmt, method, extra, weights):
+    paths = save_trajectory(tmp_path / "ckpts", 4, fmt=fmt)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", method=method, **extra)
+    result = merge_recipe(recipe, quiet=True)
+    out = load_state(result.output)
+    ref = reference(paths, weights)
+    if fmt.startswith("bin"):
+        # The tied head shared storage with the embedding; config says tie, so it is re-tied on load.
+        ref.pop("lm_head.weight")
+    assert set(out) == set(ref)
+    assert_within_rounding(out, ref, torch.float16)
+
+
+def test_weights_are_normalised_and_ema_favours_newest():
+    assert source_weights("weighted", 4, [1, 1, 2, 4]) == [0.125, 0.125, 0.25, 0.5]
+    w = ema_weights(4, 0.9)
+    assert w == sorted(w) and w[-1] > w[0]
+    assert abs(sum(w) - 1) < 1e-12
+    assert w[2] / w[3] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_output_dtype_and_config(tmp_path, dtype):
+    paths = save_trajectory(tmp_path / "ckpts", 3)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", dtype=dtype)
+    result = merge_recipe(recipe, quiet=True)
+    tdtype = getattr(torch, dtype)
+    assert_within_rounding(load_state(result.output), reference(paths, [1 / 3] * 3), tdtype)
+    config = json.loads((result.output / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == dtype
+
+
+def test_output_is_sharded_like_transformers_and_loads_and_generates(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths = save_trajectory(tmp_path / "ckpts", 3, fmt="sharded")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", paths, tmp_path / "out", output={"path": str(tmp_path / "out"), "max_shard_size": "20KB"}
+    )
+    out = merge_recipe(recipe, quiet=True).output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 8)
+
+
+def test_provenance_records_recipe_sources_weights_and_hashes(tmp_path):
+    import hashlib
+
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", method="weighted", weights=[1, 3])
+    out = merge_recipe(recipe, quiet=True).output
+    prov = json.loads((out / "hubmerge.json").read_text())
+    assert prov["recipe"]["weights"] == [1, 3]
+    assert prov["weights"] == [0.25, 0.75]
+    assert [s["path"] for s in prov["sources"]] == [str(p) for p in paths]
+    files = {p.name for p in out.iterdir()} - {"hubmerge.json"}
+    assert set(prov["files"]) == files
+    for name, digest in prov["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+def test_bit_identical_across_runs_and_thread_counts(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 3)
+    digests = []
+    for i, threads in enumerate([1, 2, 1]):
+        recipe = write_recipe(tmp_path / f"r{i}.yaml", paths, tmp_path / f"out{i}", method="ema", ema={"decay": 0.7})
+        out = merge_recipe(recipe, quiet=True, threads=threads).output
+        digests.append(json.loads((out / "hubmerge.json").read_text())["files"])
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_large_tensors_are_chunked(tmp_path, monkeypatch):
+    """A tensor larger than the chunk size is streamed in pieces and still equals the reference."""
+    import hubmerge.merge
+    import hubmerge.plan
+
+    monkeypatch.setattr(hubmerge.plan, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(hubmerge.merge, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(hubmerge.merge, "BLOCK_ELEMS", 256)
+    paths = save_trajectory(tmp_path / "ckpts", 3, dtype=torch.bfloat16)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
+    out = merge_recipe(recipe, quiet=True).output
+    assert_within_rounding(load_state(out), reference(paths, [1 / 3] * 3), torch.bfloat16)
+
+
+def test_dry_run_shows_plan_and_writes_nothing(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
+    res = runner.invoke(app, ["merge", str(recipe), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["tensors"] == len(load_state(paths[0])) and plan["bytes_read"] == 2 * plan["bytes_written"]
+    assert [s["weight"] for s in plan["sources"]] == [0.5, 0.5]
+    assert not (tmp_path / "out").exists()
+    res = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert "merge plan" in res.output and "memory" in res.output
+
+
+def test_existing_output_refused_without_force(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
+    assert runner.invoke(app, ["merge", str(recipe), "-q"]).exit_code == 0
+    before = (tmp_path / "out" / "hubmerge.json").read_bytes()
+    res = runner.invoke(app, ["merge", str(recipe), "-q"])
+    assert res.exit_code == 4 and "already exists" in res.output and "--force" in res.output
+    res = runner.invoke(app, ["merge", str(recipe), "-q", "--force"])
+    assert res.exit_code == 0 and (tmp_path / "out" / "hubmerge.json").read_bytes() == before
+    assert stale_partials(tmp_path) == []
+
+
+def test_memory_estimate_is_independent_of_source_count(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 6)
+    plans = [
+        plan_recipe(write_recipe(tmp_path / f"r{n}.yaml", paths[-n:], tmp_path / "out"), force=True) for n in (2, 6)
+    ]
+    assert plans[0].memory_estimate == plans[1].memory_estimate
+    assert plans[1].bytes_read == 3 * plans[0].bytes_read
+
+
+def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
+    """SIGTERM in the middle of a merge: the target never appears and the partial folder is removed."""
+    import signal
+    import time
+
+    paths = save_trajectory(tmp_path / "ckpts", 4)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
+    # Slow the writer down so the signal lands mid-merge.
+    code = (
+        "import time, hubmerge.writer as w\n"
+        "orig = w.ShardWriter.write\n"
+        "def slow(self, data):\n"
+        "    time.sleep(0.2); orig(self, data)\n"
+        "w.ShardWriter.write = slow\n"
+        "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(recipe)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not (tmp_path / "out").exists()
+    assert stale_partials(tmp_path) == []

@@ -1,0 +1,183 @@
+"""Bad recipes and mismatched sources: one clear line naming file and field, the right exit code, nothing written."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from factories import save_trajectory, write_recipe
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from hubmerge.cli import app
+from hubmerge.recipe import load_recipe
+from hubmerge.writer import stale_partials
+
+runner = CliRunner()
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def run_merge(recipe: Path) -> tuple[int, str]:
+    res = runner.invoke(app, ["merge", str(recipe), "--quiet"])
+    return res.exit_code, res.output
+
+
+def assert_nothing_written(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert stale_partials(tmp_path) == []
+
+
+@pytest.fixture
+def two(tmp_path):
+    return save_trajectory(tmp_path / "ckpts", 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"mehtod": "uniform"}, "field 'mehtod': unknown key"),
+        ({"output": {"path": "x", "shard": "1GB"}}, "field 'output.shard': unknown key"),
+        ({"name": None}, "field 'name'"),
+        ({"method": "median"}, "field 'method': Input should be 'uniform', 'weighted' or 'ema'"),
+        ({"method": "weighted", "weights": [1, 2, 3]}, "'weights' has 3 entries but there are 2 sources"),
+        ({"method": "weighted"}, "method 'weighted' needs 'weights'"),
+        ({"weights": [1, 1]}, "'weights' is only used with method 'weighted'"),
+        ({"method": "weighted", "weights": [1, -1]}, "non-negative"),
+        ({"method": "ema", "ema": {"decay": 1.5}}, "field 'ema.decay': must be strictly between 0 and 1 (got 1.5)"),
+        ({"method": "ema", "ema": {"decay": 0}}, "field 'ema.decay': must be strictly between 0 and 1"),
+        ({"method": "ema"}, "method 'ema' needs 'ema: {decay: ...}'"),
+        ({"dtype": "int8"}, "field 'dtype'"),
+        ({"output": {"path": "x", "max_shard_size": "5 parsecs"}}, "field 'output.max_shard_size'"),
+        ({"sources": []}, "field 'sources'"),
+        ({"sources": "ckpts"}, "field 'sources'"),
+    ],
+)
+def test_bad_recipe_fields(tmp_path, two, change, expected):
+    recipe = write_recipe(tmp_path / "r.yaml", two, tmp_path / "out")
+    data = yaml.safe_load(recipe.read_text())
+    data.update(change)
+    if data.get("name") is None:
+        del data["name"]
+    recipe.write_text(yaml.safe_dump(data))
+    code, output = run_merge(recipe)
+    assert code == 2
+    assert output.startswith(f"error: {recipe}: invalid recipe:")
+    assert expected in output.replace("\n", " ")
+    assert "Traceback" not in output
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_field_is_named(tmp_path, two):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "sources": [{"path": str(two[0])}]}))
+    code, output = run_merge(recipe)
+    assert code == 2 and "field 'output': required field is missing" in output
+
+
+def test_missing_source_path_names_the_field(tmp_path, two):
+    recipe = write_recipe(tmp_path / "r.yaml", [two[0], tmp_path / "nowhere"], tmp_path / "out")
+    code, output = run_merge(recipe)
+    assert code == 2
+    assert f"field 'sources.1.path': '{tmp_path / 'nowhere'}' does not exist" in output
+    assert_nothing_written(tmp_path)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nsources: [\n")
+    code, output = run_merge(bad)
+    assert code == 2 and f"{bad}: line" in output and "not valid YAML" in output
+    bad.write_text("- just\n- a list\n")
+    code, output = run_merge(bad)
+    assert code == 2 and "a recipe must be a YAML mapping" in output
+    code, output = run_merge(tmp_path / "absent.yaml")
+    assert code == 2 and "recipe file not found" in output
+
+
+def test_output_inside_a_source_is_refused(tmp_path, two):
+    recipe = write_recipe(tmp_path / "r.yaml", two, two[0] / "merged")
+    code, output = run_merge(recipe)
+    assert code == 2 and "field 'output.path'" in output and "overlaps source 0" in output
+
+
+def test_missing_tensor_names_first_difference_and_both_sources(tmp_path, two):
+    state = load_file(two[1] / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, two[1] / "model.safetensors", metadata={"format": "pt"})
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", two, tmp_path / "out"))
+    assert code == 3
+    assert f"tensor 'model.layers.1.mlp.up_proj.weight' is in {two[0]} but not in {two[1]}" in output
+    assert_nothing_written(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_sources(tmp_path, two):
+    state = load_file(two[0] / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(16, dtype=torch.float16)
+    save_file(state, two[0] / "model.safetensors", metadata={"format": "pt"})
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", two, tmp_path / "out"))
+    assert code == 3
+    assert f"tensor 'model.norm.weight' has shape [16] in {two[0]} but [32] in {two[1]}" in output
+    assert_nothing_written(tmp_path)
+
+
+def test_differing_integer_buffers_are_refused_and_nothing_is_written(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 3, fmt="bin")
+    state = torch.load(paths[2] / "pytorch_model.bin", weights_only=True)
+    state["model.layers.1.self_attn.positions"][3] = 99
+    torch.save(state, paths[2] / "pytorch_model.bin")
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out"))
+    assert code == 3
+    assert "non-floating tensor 'model.layers.1.self_attn.positions' differs between" in output
+    assert str(paths[2]) in output
+    assert_nothing_written(tmp_path)
+
+
+def test_index_naming_an_absent_shard(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 2, fmt="sharded")
+    index = json.loads((paths[1] / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (paths[1] / shard).unlink()
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out"))
+    assert code == 3 and f"names shard '{shard}', which is missing" in output
+    assert_nothing_written(tmp_path)
+
+
+def test_truncated_safetensors_is_refused(tmp_path, two):
+    data = (two[1] / "model.safetensors").read_bytes()
+    (two[1] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", two, tmp_path / "out"))
+    assert code == 3 and "truncated or corrupt" in output
+    assert_nothing_written(tmp_path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_bin_with_arbitrary_objects_is_never_unpickled(tmp_path, capfd):
+    paths = save_trajectory(tmp_path / "ckpts", 2, fmt="bin")
+    state = torch.load(paths[1] / "pytorch_model.bin", weights_only=True)
+    state["evil"] = Payload()
+    torch.save(state, paths[1] / "pytorch_model.bin", pickle_module=pickle)
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out"))
+    assert code == 3 and "refused to load" in output and "never unpickles" in output
+    assert "owned" not in capfd.readouterr().out
+    assert_nothing_written(tmp_path)
+
+
+def test_no_weights_in_folder(tmp_path, two):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, output = run_merge(write_recipe(tmp_path / "r.yaml", [two[0], empty], tmp_path / "out"))
+    assert code == 3 and f"{empty}: no weights found" in output
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    recipe, raw = load_recipe(path)
+    assert recipe.name and raw["name"] == recipe.name
