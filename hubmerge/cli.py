@@ -74,6 +74,16 @@ def _main(
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Endpoint = Annotated[
+    str | None,
+    typer.Option(envvar="HF_ENDPOINT", help="Hub URL (default: huggingface.co, or HF_ENDPOINT)."),
+]
+Select = Annotated[
+    str | None,
+    typer.Option(
+        "--select", "-s", help="Selector, e.g. '{last: 5, every: 1000}' or '{range: [step100000, step110000]}'."
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
@@ -85,22 +95,37 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     device: Annotated[str, typer.Option(help="Where to accumulate: cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="Torch compute threads (1 is fastest for this memory-bound loop).")] = 1,
+    endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Merge the checkpoints a recipe names into a new model folder."""
-    from .merge import execute, plan_recipe
+    """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first)."""
+    from .merge import execute, plan_recipe, push_after_merge
+    from .recipe import HubSources, load_recipe
 
-    plan = plan_recipe(recipe, device=device, force=force)
+    if dry_run and isinstance(load_recipe(recipe)[0].sources, HubSources):
+        _hub_dry_run(recipe, endpoint, as_json)
+        return
+    plan = plan_recipe(recipe, device=device, force=force, endpoint=endpoint, quiet=quiet or as_json, console=err)
     if dry_run:
         _show_plan(plan, as_json)
         return
     if not quiet and not as_json:
         _show_plan(plan, False)
     result = execute(plan, force=force, quiet=quiet or as_json, threads=threads)
+    pushed = push_after_merge(recipe, result, endpoint=endpoint)
     if as_json:
-        out.print_json(data={"output": str(result.output), "files": result.files, "seconds": result.seconds})
+        out.print_json(
+            data={
+                "output": str(result.output),
+                "files": result.files,
+                "seconds": result.seconds,
+                "pushed": pushed.commit_url if pushed else None,
+            }
+        )
     elif not quiet:
+        if pushed:
+            out.print(f"[green]pushed[/green] to {pushed.pr_url or pushed.commit_url}")
         out.print(
             f"[green]merged[/green] {len(plan.sources)} checkpoints into {result.output} in {result.seconds:.1f} s"
         )
@@ -110,12 +135,173 @@ def merge(
 @command
 def plan(
     recipe: Annotated[Path, typer.Argument(help="YAML merge recipe.")],
+    endpoint: Endpoint = None,
     as_json: Json = False,
 ) -> None:
     """Show what a merge would read, write and hold in memory (same as merge --dry-run)."""
-    from .merge import plan_recipe
+    merge(recipe, dry_run=True, force=True, device="cpu", threads=1, endpoint=endpoint, as_json=as_json, quiet=True)
 
-    _show_plan(plan_recipe(recipe, force=True), as_json)
+
+def _hub_dry_run(recipe: Path, endpoint: str | None, as_json: bool) -> None:
+    """A Hub recipe's dry run: selection, integrity verdict and download size; no weights fetched."""
+    from .integrity import apply_policy, check
+    from .pull import check_remote_headers, plan_pull, resolve_selection
+    from .recipe import load_recipe
+    from .sizes import format_size
+
+    hub = load_recipe(recipe)[0].sources
+    selected, everything = resolve_selection(hub.repo, hub.selector, endpoint=endpoint)
+    report = check(hub.repo, selected, all_revisions=everything, endpoint=endpoint)
+    kept, dropped = apply_policy(selected, report, hub.on_anomaly)
+    pull_plan = plan_pull(hub.repo, kept, endpoint=endpoint)
+    agreed = check_remote_headers(pull_plan, endpoint=endpoint)
+    summary = {
+        "repo": hub.repo,
+        "selected": [r.name for r in selected],
+        "kept": [r.name for r in kept],
+        "dropped": dropped,
+        "download_bytes": pull_plan.total_bytes,
+        "files": len(pull_plan.downloads()),
+        "headers_checked": agreed,
+    }
+    if as_json:
+        out.print_json(data=summary)
+        return
+    _print_revisions(kept, f"{hub.repo}: {len(kept)} revisions to merge")
+    for d in dropped:
+        out.print(f"dropped {d['revision']}: {d['reason']}")
+    out.print(
+        f"integrity: ok for the kept revisions; download: {format_size(pull_plan.total_bytes)} in "
+        f"{summary['files']} files (cached files are reused); tensor names and shapes agree in {agreed} revisions"
+    )
+
+
+def _print_revisions(revs: list[Any], title: str) -> None:
+    from rich.table import Table
+
+    from .revisions import revisions_notice, revisions_table_rows
+
+    table = Table(title=title, title_justify="left")
+    for col in ("revision", "stage", "step", "tokens", "commit"):
+        table.add_column(col, justify="right" if col in ("step", "tokens") else "left")
+    for row in revisions_table_rows(revs):
+        table.add_row(row["name"], row["stage"] or row["trajectory"], row["step"], row["tokens"], row["commit"])
+    out.print(table)
+    if notice := revisions_notice(revs):
+        out.print(notice)
+
+
+@app.command()
+@command
+def revisions(
+    repo: Annotated[str, typer.Argument(help="Hub repo id, e.g. EleutherAI/pythia-160m.")],
+    select: Select = None,
+    endpoint: Endpoint = None,
+    as_json: Json = False,
+) -> None:
+    """List a repo's checkpoint branches in training order (name, stage, step, tokens, commit)."""
+    from .pull import all_revisions
+    from .revisions import parse_selector, revisions_table_rows
+    from .revisions import select as select_revisions
+
+    selector = parse_selector(select) if select else None
+    everything = all_revisions(repo, endpoint=endpoint)
+    revs = select_revisions(everything, selector, repo=repo) if selector else everything
+    if as_json:
+        out.print_json(data=revisions_table_rows(revs))
+    else:
+        what = "selected" if selector else "branches"
+        _print_revisions(revs, f"{repo}: {len(revs)} {what} in training order")
+
+
+@app.command()
+@command
+def check(
+    repo: Annotated[str, typer.Argument(help="Hub repo id.")],
+    select: Select = None,
+    endpoint: Endpoint = None,
+    as_json: Json = False,
+) -> None:
+    """Check a trajectory's integrity: missing, incomplete, duplicated or mixed weights (no weights downloaded)."""
+    from .integrity import check as run_check
+    from .integrity import render_report
+    from .pull import all_revisions
+    from .revisions import parse_selector
+    from .revisions import select as select_revisions
+
+    selector = parse_selector(select) if select else None
+    everything = all_revisions(repo, endpoint=endpoint)
+    revs = (
+        select_revisions(everything, selector, repo=repo) if selector else [r for r in everything if r.name != "main"]
+    )
+    report = run_check(repo, revs, all_revisions=everything, endpoint=endpoint)
+    if as_json:
+        out.print_json(data=report.to_dict())
+    else:
+        render_report(report, out)
+    if report.findings:
+        raise typer.Exit(6)
+
+
+@app.command()
+@command
+def pull(
+    repo: Annotated[str, typer.Argument(help="Hub repo id.")],
+    select: Select = None,
+    endpoint: Endpoint = None,
+    workers: Annotated[int, typer.Option(help="Parallel downloads.")] = 8,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Download the weights (and config/tokenizer once) of selected revisions into the HF cache."""
+    from .pull import pull as run_pull
+    from .pull import resolve_selection
+    from .revisions import parse_selector
+
+    if not select:
+        raise typer.BadParameter("say which revisions with --select, e.g. --select '{last: 5}'")
+    chosen, _ = resolve_selection(repo, parse_selector(select), endpoint=endpoint)
+    refs = run_pull(repo, chosen, endpoint=endpoint, workers=workers, quiet=quiet or as_json, console=err)
+    if as_json:
+        out.print_json(data=[r.to_dict() for r in refs])
+    elif not quiet:
+        for r in refs:
+            out.print(f"{r.revision:>24}  {(r.commit or '')[:10]}  {r.path}")
+
+
+@app.command()
+@command
+def push(
+    folder: Annotated[Path, typer.Argument(help="A merged model folder.")],
+    repo: Annotated[str, typer.Argument(help="Target Hub repo id (created if needed).")],
+    branch: Annotated[str | None, typer.Option(help="Branch to commit to (created if needed).")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    message: Annotated[str | None, typer.Option(help="Commit message (default names the recipe).")] = None,
+    endpoint: Endpoint = None,
+) -> None:
+    """Upload a merged folder to a Hub repo in one commit and print the commit URL."""
+    from .push import push as run_push
+
+    result = run_push(
+        folder, repo, branch=branch, private=private, create_pr=create_pr, message=message, endpoint=endpoint
+    )
+    out.print(result.pr_url or result.commit_url)
+
+
+@hub_app.command("serve")
+@command
+def hub_serve(
+    root: Annotated[Path, typer.Option(help="Folder where repositories are stored (kept across restarts).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 7860,
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback by default. A dev server: no real auth.")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Run a local Hub-compatible server (development and demos only)."""
+    from .hub_server import serve
+
+    serve(root, host=host, port=port)
 
 
 def _show_plan(plan: Any, as_json: bool) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import ITEMSIZE, CheckpointReader, torch_dtype
 from .errors import HubmergeError, SourceError
-from .plan import BLOCK_ELEMS, CHUNK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan
+from .plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan
 from .progress import byte_progress
 from .writer import OutputDir, ShardWriter, sha256_file
 
@@ -43,6 +43,7 @@ class MergeResult:
     seconds: float
     bytes_read: int
     bytes_written: int
+    pushed: Any = None  # a push.PushResult when the recipe's output.push uploaded the merge
 
 
 class _Reader(threading.Thread):
@@ -60,9 +61,10 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         try:
+            chunk = self.plan.chunk_elems
             for t in self.plan.tensors:
-                for start in range(0, max(t.numel, 1), CHUNK_ELEMS):
-                    count = min(CHUNK_ELEMS, t.numel - start)
+                for start in range(0, max(t.numel, 1), chunk):
+                    count = min(chunk, t.numel - start)
                     for s, ck in enumerate(self.plan.checkpoints):
                         buf = self._get_free()
                         if buf is None:
@@ -212,14 +214,15 @@ def _stream(plan: MergePlan, folder: Path, reader: _Reader, writer: _Writer, acc
 
     on_cpu = acc.device.type == "cpu"
     total = len(plan.tensors)
+    chunk = plan.chunk_elems
     done = 0
     for shard in plan.shards:
         entries = [(t.name, t.out_dtype, t.shape, t.out_nbytes) for t in shard.tensors]
         writer.todo.put(("open", folder / shard.file, entries, {"format": "pt"}))
         for t in shard.tensors:
             infos = [ck.tensors[t.name] for ck in plan.checkpoints]
-            for start in range(0, max(t.numel, 1), CHUNK_ELEMS):
-                count = min(CHUNK_ELEMS, t.numel - start)
+            for start in range(0, max(t.numel, 1), chunk):
+                count = min(chunk, t.numel - start)
                 out = writer.take()
                 nbytes = count * ITEMSIZE[t.out_dtype]
                 if t.floating:
@@ -260,13 +263,14 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
         raise HubmergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     in_item = max(ITEMSIZE[t.dtype] for ck in plan.checkpoints for t in ck.tensors.values())
     out_item = max(ITEMSIZE[t.out_dtype] for t in plan.tensors)
+    chunk = plan.chunk_elems
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        reader = _Reader(plan, [torch.empty(CHUNK_ELEMS * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)])
-        writer = _Writer([torch.empty(CHUNK_ELEMS * out_item, dtype=torch.uint8) for _ in range(WRITE_BUFFERS)])
-        acc = torch.empty(CHUNK_ELEMS, dtype=torch.float32, device=device)
-        tmp = torch.empty(BLOCK_ELEMS, dtype=torch.float32)
+        reader = _Reader(plan, [torch.empty(chunk * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)])
+        writer = _Writer([torch.empty(chunk * out_item, dtype=torch.uint8) for _ in range(WRITE_BUFFERS)])
+        acc = torch.empty(chunk, dtype=torch.float32, device=device)
+        tmp = torch.empty(min(chunk, BLOCK_ELEMS), dtype=torch.float32)
         out_dir = OutputDir(plan.output, force=force)
         with (
             out_dir as folder,
@@ -295,18 +299,87 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
     return MergeResult(plan.output, files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)
 
 
-def plan_recipe(recipe_path: str | Path, *, device: str = "cpu", force: bool = False) -> MergePlan:
-    """Load a recipe file and build its plan (``hubmerge merge --dry-run``); reads headers only."""
+def plan_recipe(
+    recipe_path: str | Path,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    quiet: bool = False,
+    console: Any = None,
+) -> MergePlan:
+    """Load a recipe file and build its plan; Hub sources are selected, checked and pulled first."""
+    from .errors import RecipeError
     from .plan import build_plan
-    from .recipe import load_recipe
+    from .recipe import HubSources, load_recipe
 
     recipe, raw = load_recipe(recipe_path)
-    return build_plan(recipe, raw_recipe=raw, recipe_file=str(recipe_path), device=device, force=force)
+    where = str(recipe_path)
+    if not isinstance(recipe.sources, HubSources):
+        return build_plan(recipe, raw_recipe=raw, recipe_file=where, device=device, force=force)
+    from .pull import resolve_hub_sources
+    from .recipe import check_output_path
+
+    resolved = resolve_hub_sources(recipe.sources, endpoint=endpoint, token=token, quiet=quiet, console=console)
+    weights = None
+    if recipe.weights is not None:
+        if len(recipe.weights) != len(resolved.selected):
+            raise RecipeError(
+                f"{where}: field 'weights': {len(recipe.weights)} entries but the selector chose "
+                f"{len(resolved.selected)} revisions ({', '.join(r.name for r in resolved.selected)})"
+            )
+        keep = {r.name for r in resolved.kept}
+        weights = [w for w, r in zip(recipe.weights, resolved.selected, strict=True) if r.name in keep]
+    check_output_path(recipe, where, [s.path for s in resolved.sources])
+    plan = build_plan(
+        recipe,
+        raw_recipe=raw,
+        recipe_file=where,
+        sources=resolved.sources,
+        device=device,
+        force=force,
+        weights=weights,
+    )
+    plan.extra_provenance.update(resolved.provenance)
+    return plan
 
 
 def merge_recipe(
-    recipe_path: str | Path, *, force: bool = False, quiet: bool = False, device: str = "cpu", threads: int = 1
+    recipe_path: str | Path,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+    device: str = "cpu",
+    threads: int = 1,
+    endpoint: str | None = None,
+    token: str | None = None,
 ) -> MergeResult:
     """``hubmerge merge RECIPE``: plan, check, then stream the merge into ``output.path``."""
-    plan = plan_recipe(recipe_path, device=device, force=force)
-    return execute(plan, force=force, quiet=quiet, threads=threads)
+    plan = plan_recipe(recipe_path, device=device, force=force, endpoint=endpoint, token=token, quiet=quiet)
+    result = execute(plan, force=force, quiet=quiet, threads=threads)
+    push_after_merge(recipe_path, result, endpoint=endpoint, token=token)
+    return result
+
+
+def push_after_merge(
+    recipe_path: str | Path, result: MergeResult, *, endpoint: str | None = None, token: str | None = None
+) -> Any:
+    """The recipe's ``output.push``, if any: upload the merged folder as ``hubmerge push`` would."""
+    from .push import push
+    from .recipe import load_recipe
+
+    cfg = load_recipe(recipe_path)[0].output.push
+    if cfg is None:
+        return None
+    result.pushed = push(
+        result.output,
+        cfg.repo,
+        branch=cfg.branch,
+        private=cfg.private,
+        create_pr=cfg.create_pr,
+        message=cfg.message,
+        endpoint=endpoint,
+        token=token,
+    )
+    return result.pushed

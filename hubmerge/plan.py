@@ -119,11 +119,17 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
     @property
+    def chunk_elems(self) -> int:
+        """Elements per streamed chunk: ``CHUNK_ELEMS``, or less when every tensor is smaller."""
+        return max(1, min(CHUNK_ELEMS, max(t.numel for t in self.tensors)))
+
+    @property
     def buffer_bytes(self) -> int:
         """Peak bytes of merge buffers: bounded by the chunk size, not by the model or the source count."""
         in_item = max(ITEMSIZE[t.dtype] for ck in self.checkpoints for t in ck.tensors.values())
         out_item = max(ITEMSIZE[t.out_dtype] for t in self.tensors)
-        return CHUNK_ELEMS * (READ_BUFFERS * in_item + 4 + WRITE_BUFFERS * out_item) + BLOCK_ELEMS * 4
+        chunk = self.chunk_elems
+        return chunk * (READ_BUFFERS * in_item + 4 + WRITE_BUFFERS * out_item) + min(chunk, BLOCK_ELEMS) * 4
 
     @property
     def memory_estimate(self) -> int:
@@ -201,6 +207,7 @@ def build_plan(
     sources: list[SourceRef] | None = None,
     device: str = "cpu",
     force: bool = False,
+    weights: list[float] | None = None,
 ) -> MergePlan:
     """Inspect every source's headers and decide the output; reads no tensor data.
 
@@ -212,7 +219,9 @@ def build_plan(
         sources = [SourceRef(p, p.name) for p in check_local_paths(recipe, where)]
     cks = [open_checkpoint(s.path) for s in sources]
     _check_compatible(sources, cks)
-    weights = source_weights(recipe.method, len(sources), recipe.weights, recipe.ema.decay if recipe.ema else None)
+    weights = source_weights(
+        recipe.method, len(sources), weights or recipe.weights, recipe.ema.decay if recipe.ema else None
+    )
     out_dtype = DTYPE_NAMES[recipe.dtype] if recipe.dtype else None
     newest = cks[-1]
     tie = _tie_word_embeddings(newest.path)

@@ -6,6 +6,7 @@ most command-line tools; ``hubmerge demo`` writes absolute paths.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .revisions import Selector
 from .sizes import parse_size
 
 
@@ -24,6 +26,30 @@ class LocalSource(_Strict):
     """A Hugging Face model folder on disk."""
 
     path: str = Field(min_length=1)
+
+
+class HubSources(_Strict):
+    """Revisions (branches) of one Hub repo, listed or chosen by a selector, oldest to newest.
+
+    ``on_anomaly`` says what to do when the integrity check finds a problem in the window: ``refuse``
+    (default), ``drop_duplicates`` (leave out revisions whose weights are another revision's), or
+    ``skip`` (leave out every anomalous revision). The choice is recorded in ``hubmerge.json``.
+    """
+
+    repo: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
+    revisions: list[str] | None = Field(default=None, min_length=1)
+    select: Selector | None = None
+    on_anomaly: Literal["refuse", "drop_duplicates", "skip"] = "refuse"
+
+    @model_validator(mode="after")
+    def _one_way(self) -> HubSources:
+        if (self.revisions is None) == (self.select is None):
+            raise ValueError("give exactly one of 'revisions' (a list of branch names) or 'select' (a selector)")
+        return self
+
+    @property
+    def selector(self) -> Selector:
+        return self.select or Selector(revisions=self.revisions)
 
 
 class EmaConfig(_Strict):
@@ -43,9 +69,20 @@ class EmaConfig(_Strict):
         return v
 
 
+class PushConfig(_Strict):
+    """Upload the merged folder after the merge, as ``hubmerge push`` does."""
+
+    repo: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
+    branch: str | None = None
+    private: bool = False
+    create_pr: bool = False
+    message: str | None = None
+
+
 class OutputConfig(_Strict):
     path: str = Field(min_length=1)
     max_shard_size: int | str = "5GB"
+    push: PushConfig | None = None
 
     @field_validator("max_shard_size")
     @classmethod
@@ -62,20 +99,31 @@ class Recipe(_Strict):
     """A merge: which checkpoints, how to weight them, and where the result goes."""
 
     name: str = Field(min_length=1)
-    sources: list[LocalSource] = Field(min_length=1)
+    sources: list[LocalSource] | HubSources
     method: Literal["uniform", "weighted", "ema"] = "uniform"
     weights: list[float] | None = None
     ema: EmaConfig | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     output: OutputConfig
 
+    @property
+    def source_count(self) -> int | None:
+        """How many sources, when known before asking the Hub."""
+        if isinstance(self.sources, list):
+            return len(self.sources)
+        sel = self.sources.selector
+        return len(sel.revisions) if sel.revisions else None
+
     @model_validator(mode="after")
     def _method_options(self) -> Recipe:
+        if isinstance(self.sources, list) and not self.sources:
+            raise ValueError("'sources' is empty: list at least one checkpoint folder")
         if self.method == "weighted":
             if self.weights is None:
                 raise ValueError("method 'weighted' needs 'weights', one per source")
-            if len(self.weights) != len(self.sources):
-                raise ValueError(f"'weights' has {len(self.weights)} entries but there are {len(self.sources)} sources")
+            n = self.source_count
+            if n is not None and len(self.weights) != n:
+                raise ValueError(f"'weights' has {len(self.weights)} entries but there are {n} sources")
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise ValueError("'weights' must be non-negative and not all zero")
         elif self.weights is not None:
@@ -87,17 +135,41 @@ class Recipe(_Strict):
         return self
 
 
-def _format_validation_error(err: ValidationError, where: str) -> str:
+def _union_branch(label: Any) -> type | None:
+    """The input type a pydantic union-branch label in an error location stands for."""
+    if not isinstance(label, str):
+        return None
+    return dict if "HubSources" in label else list if label.startswith("list[") else None
+
+
+def _format_validation_error(err: ValidationError, where: str, data: Any = None) -> str:
+    """One line: each problem as ``field 'a.b': message``, hiding pydantic's union bookkeeping."""
+    sources = data.get("sources") if isinstance(data, dict) else None
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        if len(loc) > 1 and loc[0] == "sources" and (branch := _union_branch(loc[1])) is not None:
+            if not isinstance(sources, branch):
+                continue  # the error of the union branch the user did not write
+            del loc[1]
+        elif loc == ["sources"] and e["type"] in ("list_type", "model_type", "dict_type"):
+            continue
+        if not loc:  # a cross-field check: name the field its message starts with
+            named = re.match(r"(?:method )?'([\w.]+)'", e["msg"].removeprefix("Value error, "))
+            loc = ["method" if named and named.group(0).startswith("method") else named.group(1)] if named else []
+        loc = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; see the recipe reference in the README)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         parts.append(f"field '{loc}': {msg}")
-    return f"{where}: invalid recipe: " + "; ".join(parts)
+    if not parts:
+        parts.append(
+            "field 'sources': must be a list of local folders ([{path: ...}]) or a Hub repo "
+            "({repo: owner/name, select: {...}} or {repo: ..., revisions: [...]})"
+        )
+    return f"{where}: invalid recipe: " + "; ".join(dict.fromkeys(parts))
 
 
 def parse_recipe(data: Any, where: str = "<recipe>") -> Recipe:
@@ -107,7 +179,7 @@ def parse_recipe(data: Any, where: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_validation_error(e, where)) from None
+        raise RecipeError(_format_validation_error(e, where, data)) from None
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
@@ -131,6 +203,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
 
 def check_local_paths(recipe: Recipe, where: str) -> list[Path]:
     """Resolve every local source, refusing a missing folder by its field, before anything is read."""
+    assert isinstance(recipe.sources, list)
     resolved = []
     for i, src in enumerate(recipe.sources):
         p = Path(src.path).expanduser()
@@ -139,11 +212,16 @@ def check_local_paths(recipe: Recipe, where: str) -> list[Path]:
         if not p.is_dir():
             raise RecipeError(f"{where}: field 'sources.{i}.path': {src.path!r} is not a folder")
         resolved.append(p.resolve())
+    check_output_path(recipe, where, resolved)
+    return resolved
+
+
+def check_output_path(recipe: Recipe, where: str, sources: list[Path]) -> None:
+    """The output must not be, contain or sit inside a source folder."""
     out = Path(recipe.output.path).expanduser().resolve()
-    for i, p in enumerate(resolved):
+    for i, p in enumerate(sources):
         if out == p or p in out.parents or out in p.parents:
             raise RecipeError(
                 f"{where}: field 'output.path': {recipe.output.path!r} overlaps source {i} ({p}); "
                 "write the merge somewhere else"
             )
-    return resolved

@@ -140,7 +140,6 @@ def test_large_tensors_are_chunked(tmp_path, monkeypatch):
     import hubmerge.plan
 
     monkeypatch.setattr(hubmerge.plan, "CHUNK_ELEMS", 1000)
-    monkeypatch.setattr(hubmerge.merge, "CHUNK_ELEMS", 1000)
     monkeypatch.setattr(hubmerge.merge, "BLOCK_ELEMS", 256)
     paths = save_trajectory(tmp_path / "ckpts", 3, dtype=torch.bfloat16)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")

@@ -1,0 +1,35 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A running local Hub (hubmerge.hub_server) on a free loopback port, storing under tmp_path."""
+    from hubmerge.hub_server import HubServer
+
+    with HubServer(tmp_path / "hub") as server:
+        yield server
+
+
+@pytest.fixture
+def hub_api(hub):
+    """The real client aimed at the local Hub; endpoint= is explicit because HF_ENDPOINT is read at import."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub.url, token="hf_test")
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """A fresh, empty HF cache per test; huggingface_hub reads HF_HUB_CACHE once at import, so both are set."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HUBMERGE_CACHE", str(tmp_path / "hubmerge-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
