@@ -304,6 +304,24 @@ def hub_serve(
     serve(root, host=host, port=port)
 
 
+@app.command()
+@command
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for everything the demo makes.")] = Path(
+        "hubmerge-demo"
+    ),
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 25,
+    window: Annotated[int, typer.Option(help="How many of the last checkpoints to merge.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for data, initialisation and training.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Offline end to end: local Hub, train a tiny trajectory, push, list, check, merge, push the merge."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out_dir, steps=steps, save_every=save_every, window=window, seed=seed, quiet=quiet))
+
+
 def _show_plan(plan: Any, as_json: bool) -> None:
     from .plan import render_plan
 

@@ -14,9 +14,8 @@ from test_merge import assert_within_rounding, reference
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
-from hubmerge.errors import HubError, IntegrityError, RevisionError
+from hubmerge.errors import HubError, RevisionError
 from hubmerge.integrity import check
-from hubmerge.merge import merge_recipe
 from hubmerge.pull import pull, resolve_selection
 from hubmerge.push import push
 from hubmerge.revisions import Selector

@@ -1,0 +1,242 @@
+"""``hubmerge demo``: the whole workflow, offline, on a trajectory made on the spot.
+
+It starts a local Hub server, trains a tiny causal LM on a toy English grammar while saving
+checkpoints, pushes every checkpoint as a ``stepN`` branch (as Pythia publishes them), lists the
+revisions, checks the trajectory's integrity, merges the last window from the Hub through a recipe,
+and pushes the merge to a new repo. Each stage is a function over a shared context, so later
+capabilities (evaluation, the model card) are added as stages.
+
+Everything lives under one folder (``hubmerge-demo/`` by default), including its own HF cache, so
+the demo never touches the user's cache or account.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import OutputError
+
+MARKER = ".hubmerge-demo"
+DEMO_TOKEN = "hf_local_demo"  # the local server accepts any token; nothing real is ever sent
+TRAJECTORY_REPO = "demo/tiny-grammar"
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("hubmerge-demo")
+    steps: int = 300
+    save_every: int = 25
+    window: int = 4
+    seed: int = 0
+    port: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class DemoContext:
+    config: DemoConfig
+    console: Console
+    hub: Any = None  # HubServer
+    checkpoints: list[Path] = field(default_factory=list)
+    revisions: list[Any] = field(default_factory=list)
+    recipe: Path | None = None
+    merged: Path | None = None
+    merged_repo: str | None = None
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return self.hub.url
+
+
+Stage = tuple[str, Callable[[DemoContext], None]]
+
+
+def _prepare_folder(out: Path) -> None:
+    """Reuse a previous demo folder (it carries a marker); refuse to clear anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise OutputError(f"{out} exists and is not a hubmerge demo folder; choose another --out")
+        for child in out.iterdir():
+            if child.name != MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `hubmerge demo`; safe to delete\n")
+
+
+def _isolate_cache(out: Path) -> None:
+    """Point the HF cache into the demo folder, also for an already-imported huggingface_hub."""
+    cache = str((out / "hf-cache").resolve())
+    os.environ["HF_HUB_CACHE"] = cache
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_CACHE = cache
+
+
+def stage_server(ctx: DemoContext) -> None:
+    from .hub_server import HubServer
+
+    ctx.hub = HubServer(ctx.config.out / "hub", port=ctx.config.port)
+    ctx.hub.start()
+    ctx.console.print(f"local Hub server at {ctx.hub.url} (storing under {ctx.config.out / 'hub'})")
+    ctx.summary.append(("local Hub", ctx.hub.url))
+
+
+def stage_train(ctx: DemoContext) -> None:
+    from .progress import count_progress
+    from .train import train_trajectory
+
+    cfg = ctx.config
+    with count_progress("training", cfg.steps, quiet=cfg.quiet, console=ctx.console) as bar:
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.advance(1)
+            bar.update(status=f"loss {loss:.3f}")
+
+        ctx.checkpoints = train_trajectory(
+            cfg.out / "trajectory", steps=cfg.steps, save_every=cfg.save_every, seed=cfg.seed, progress=progress
+        )
+    ctx.console.print(f"{len(ctx.checkpoints)} checkpoints in {cfg.out / 'trajectory'}")
+    ctx.summary.append(("trajectory", f"{len(ctx.checkpoints)} checkpoints in {cfg.out / 'trajectory'}"))
+
+
+def stage_push_trajectory(ctx: DemoContext) -> None:
+    from huggingface_hub import HfApi
+
+    from .progress import count_progress
+
+    api = HfApi(endpoint=ctx.endpoint, token=DEMO_TOKEN)
+    api.create_repo(TRAJECTORY_REPO, exist_ok=True)
+    with count_progress("pushing branches", len(ctx.checkpoints), quiet=ctx.config.quiet, console=ctx.console) as bar:
+        for ckpt in ctx.checkpoints:
+            api.create_branch(TRAJECTORY_REPO, branch=ckpt.name, exist_ok=True)
+            api.upload_folder(
+                repo_id=TRAJECTORY_REPO,
+                folder_path=ckpt,
+                revision=ckpt.name,
+                commit_message=f"checkpoint {ckpt.name}",
+                delete_patterns="*",
+            )
+            bar.advance(1)
+    # As on Pythia, main holds the final checkpoint.
+    api.upload_folder(repo_id=TRAJECTORY_REPO, folder_path=ctx.checkpoints[-1], commit_message="final checkpoint")
+    ctx.summary.append(("trajectory repo", f"{ctx.endpoint}/{TRAJECTORY_REPO} ({len(ctx.checkpoints)} step branches)"))
+
+
+def stage_revisions(ctx: DemoContext) -> None:
+    from .hub import api
+    from .revisions import list_revisions, revisions_table_rows
+
+    ctx.revisions = list_revisions(TRAJECTORY_REPO, api=api(ctx.endpoint, DEMO_TOKEN))
+    table = Table(title=f"hubmerge revisions {TRAJECTORY_REPO}", title_justify="left")
+    for col in ("revision", "step", "commit"):
+        table.add_column(col)
+    for row in revisions_table_rows(ctx.revisions):
+        table.add_row(row["name"], row["step"], row["commit"])
+    ctx.console.print(table)
+
+
+def stage_check(ctx: DemoContext) -> None:
+    from .integrity import check, render_report
+    from .revisions import Selector, select
+
+    window = select(ctx.revisions, Selector(last=ctx.config.window))
+    report = check(TRAJECTORY_REPO, window, all_revisions=ctx.revisions, endpoint=ctx.endpoint, token=DEMO_TOKEN)
+    render_report(report, ctx.console)
+
+
+def stage_merge(ctx: DemoContext) -> None:
+    import yaml
+
+    from .merge import merge_recipe
+
+    cfg = ctx.config
+    ctx.merged = (cfg.out / f"merged-last{cfg.window}").resolve()
+    ctx.merged_repo = f"demo/tiny-grammar-last{cfg.window}"
+    recipe = {
+        "name": f"tiny-grammar-last{cfg.window}",
+        "sources": {"repo": TRAJECTORY_REPO, "select": {"last": cfg.window}},
+        "method": "uniform",
+        "output": {"path": str(ctx.merged), "push": {"repo": ctx.merged_repo}},
+    }
+    ctx.recipe = cfg.out / "recipe.yaml"
+    ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    ctx.console.print(f"recipe written to {ctx.recipe}:\n{ctx.recipe.read_text()}")
+    result = merge_recipe(ctx.recipe, quiet=cfg.quiet, endpoint=ctx.endpoint, token=DEMO_TOKEN)
+    ctx.summary.append(("recipe", str(ctx.recipe)))
+    ctx.summary.append(("merged model", str(result.output)))
+    if result.pushed is not None:
+        ctx.summary.append(("merged repo", result.pushed.commit_url))
+
+
+def stage_load(ctx: DemoContext) -> None:
+    """The merged folder is a normal transformers model: load it and generate a sentence."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(ctx.merged)
+    model = AutoModelForCausalLM.from_pretrained(ctx.merged)
+    prompt = tok("the", return_tensors="pt", add_special_tokens=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    ctx.console.print(f"the merged model generates: [italic]{text}[/italic]")
+    ctx.summary.append(("sample", text))
+
+
+STAGES: list[Stage] = [
+    ("start a local Hub server", stage_server),
+    ("train a tiny LM and save a checkpoint trajectory", stage_train),
+    ("push every checkpoint as a stepN branch", stage_push_trajectory),
+    ("list the revisions in training order", stage_revisions),
+    ("check the window's integrity", stage_check),
+    ("merge the last window from the Hub and push it", stage_merge),
+    ("load the merge with transformers", stage_load),
+]
+
+
+def run_demo(config: DemoConfig | None = None, stages: list[Stage] | None = None) -> DemoContext:
+    """Run every stage in order and print where everything went."""
+    config = config or DemoConfig()
+    console = Console(stderr=False, quiet=False)
+    _prepare_folder(config.out)
+    _isolate_cache(config.out)
+    ctx = DemoContext(config, console)
+    stages = stages or STAGES
+    began = time.perf_counter()
+    try:
+        for i, (title, fn) in enumerate(stages, 1):
+            console.rule(f"[bold][{i}/{len(stages)}] {title}")
+            t0 = time.perf_counter()
+            fn(ctx)
+            ctx.timings.append((title, time.perf_counter() - t0))
+    finally:
+        if ctx.hub is not None:
+            ctx.hub.stop()
+    table = Table(title=f"hubmerge demo: done in {time.perf_counter() - began:.0f} s", title_justify="left")
+    table.add_column("what")
+    table.add_column("where")
+    for what, where in ctx.summary:
+        table.add_row(what, where)
+    console.print(table)
+    console.print(
+        f"Serve the demo Hub again with `hubmerge hub serve --root {config.out / 'hub'}` "
+        f"and browse it with the huggingface_hub client."
+    )
+    return ctx

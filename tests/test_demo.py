@@ -1,0 +1,41 @@
+"""`hubmerge demo` end to end, in a short configuration."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from hubmerge.cli import app
+
+
+def test_demo_runs_end_to_end_through_the_local_hub(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(
+        app, ["demo", "--out", str(out), "--steps", "30", "--save-every", "10", "--window", "2", "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    merged = out / "merged-last2"
+    prov = json.loads((merged / "hubmerge.json").read_text())
+    assert [s["revision"] for s in prov["sources"]] == ["step20", "step30"]
+    assert all(s["repo"] == "demo/tiny-grammar" and len(s["commit"]) == 40 for s in prov["sources"])
+    # The trajectory and the merge live in the demo's own Hub store, which survives the demo.
+    from hubmerge.hub_server import HubServer
+
+    with HubServer(out / "hub") as hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=hub.url, token="x")
+        branches = {b.name for b in api.list_repo_refs("demo/tiny-grammar").branches}
+        assert {"step10", "step20", "step30", "main"} <= branches
+        assert api.file_exists("demo/tiny-grammar-last2", "hubmerge.json")
+    assert "merged model" in res.output and "done in" in res.output
+    # The demo keeps its HF cache inside its folder.
+    assert (out / "hf-cache" / "models--demo--tiny-grammar").is_dir()
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "10", "--save-every", "5"])
+    assert res.exit_code == 4 and "not a hubmerge demo folder" in res.output
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
