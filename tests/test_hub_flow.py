@@ -287,3 +287,47 @@ def test_recipe_output_push(tmp_path, hub, hub_api, trajectory):
     res = invoke(hub, "merge", str(recipe), "--quiet")
     assert res.exit_code == 0, res.output
     assert hub_api.file_exists("me/auto", "hubmerge.json", revision="last2")
+
+
+def test_pull_of_a_revision_the_hub_does_not_have(hub, trajectory):
+    from hubmerge.revisions import parse_revision
+
+    with pytest.raises(RevisionError, match="revision 'step999' not found in org/tiny-pythia"):
+        pull(REPO, [parse_revision("step999")], endpoint=hub.url, token="hf_test", quiet=True)
+
+
+def test_hub_serve_command_serves_the_client(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from huggingface_hub import HfApi
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hubmerge", "hub", "serve", "--root", str(tmp_path / "store"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        api = HfApi(endpoint=f"http://127.0.0.1:{port}", token="hf_test")
+        deadline = time.time() + 30
+        while True:
+            try:
+                api.whoami()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        api.create_repo("me/served")
+        api.upload_file(repo_id="me/served", path_or_fileobj=b"hello", path_in_repo="a.txt")
+        assert api.file_exists("me/served", "a.txt")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert (tmp_path / "store").is_dir()
