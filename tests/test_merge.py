@@ -207,3 +207,26 @@ def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
     assert "interrupted" in stderr
     assert not (tmp_path / "out").exists()
     assert stale_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_device_path_accumulates_like_the_cpu_path(dtype, monkeypatch):
+    """The branch --device cuda takes (whole-chunk transfer and cast) gives the CPU path's float32 result.
+
+    No GPU here: the device branch runs on CPU tensors, which checks its arithmetic, not the transfer.
+    """
+    import hubmerge.merge
+    from hubmerge.merge import _accumulate
+
+    monkeypatch.setattr(hubmerge.merge, "BLOCK_ELEMS", 1024)  # several cache blocks per chunk
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3000, generator=gen).to(dtype) for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    results = []
+    for on_cpu in (True, False):
+        acc = torch.empty(3000)
+        tmp = torch.empty(1024)
+        for i, (x, w) in enumerate(zip(xs, weights, strict=True)):
+            _accumulate(acc, x, tmp, w, i == 0, on_cpu)
+        results.append(acc)
+    assert torch.equal(results[0], results[1])
