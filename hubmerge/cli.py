@@ -306,6 +306,51 @@ def hub_serve(
 
 @app.command()
 @command
+def stability(
+    lm_eval: Annotated[
+        list[Path] | None,
+        typer.Option("--lm-eval", help="lm-evaluation-harness result JSON files or folders (aggregate scores)."),
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: every task found).")] = None,
+    metric: Annotated[str, typer.Option(help="Score to use where a task has several (acc, acc_norm, ...).")] = "acc",
+    since: Annotated[int | None, typer.Option(help="First training step to include.")] = None,
+    until: Annotated[int | None, typer.Option(help="Last training step to include.")] = None,
+    window: Annotated[int | None, typer.Option(help="Window size for std, range and worst drop.")] = None,
+    stride: Annotated[int, typer.Option(help="Stride between windows.")] = 1,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the CSV, JSON and plots go.")] = Path(
+        "hubmerge-stability"
+    ),
+    title: Annotated[str | None, typer.Option(help="Model name for titles.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Instability of downstream scores along a trajectory: MTV, flip rate, IS, windowed std/range/worst drop."""
+    from .reports import render_comparison, stability_from_lm_eval
+
+    if not lm_eval:
+        raise typer.BadParameter("give result files with --lm-eval (results-store input comes with hubmerge eval)")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    result = stability_from_lm_eval(
+        lm_eval,
+        tasks=task_list,
+        metric=(metric,),
+        since=since,
+        until=until,
+        window=window,
+        stride=stride,
+        out=out_dir,
+        title=title,
+    )
+    if as_json:
+        out.print_json(data=result.comparison.to_dict())
+        return
+    render_comparison(result.comparison, out, result.model or "trajectory")
+    for task, why in result.skipped.items():
+        err.print(f"skipped {task}: {why}", highlight=False)
+    out.print("wrote " + ", ".join(str(p) for p in result.files))
+
+
+@app.command()
+@command
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for everything the demo makes.")] = Path(
         "hubmerge-demo"

@@ -48,3 +48,15 @@ class IntegrityError(HubError):
     """A trajectory has an anomaly (missing or duplicated weights) the recipe did not allow."""
 
     exit_code = 6
+
+
+class TaskDataError(RecipeError):
+    """A task's data is missing or malformed (a bad line in a request file, an unreachable dataset)."""
+
+    exit_code = 2
+
+
+class StabilityError(HubmergeError):
+    """Scores or result files that stability metrics cannot use (NaN scores, too few checkpoints, bad files)."""
+
+    exit_code = 2
