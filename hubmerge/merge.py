@@ -21,14 +21,15 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import ITEMSIZE, CheckpointReader, torch_dtype
+from .checkpoint import ITEMSIZE, Checkpoint, CheckpointReader, TensorInfo, torch_dtype
 from .errors import HubmergeError, SourceError
-from .plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan
+from .plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan, TensorPlan
 from .progress import byte_progress
 from .writer import OutputDir, ShardWriter, sha256_file
 
@@ -47,30 +48,34 @@ class MergeResult:
 
 
 class _Reader(threading.Thread):
-    """Reads every (tensor, chunk, source) of the plan into pooled buffers, in the order they are used."""
+    """Reads ``(source index, tensor, first element, count)`` jobs into pooled buffers, in the order they are used.
 
-    def __init__(self, plan: MergePlan, buffers: list[Any]) -> None:
+    ``bytes_read`` counts what was actually read, so callers (and tests) can check that the work shared by
+    a sweep really reads each source once.
+    """
+
+    def __init__(
+        self, checkpoints: list[Checkpoint], jobs: Iterable[tuple[int, TensorInfo, int, int]], buffers: list[Any]
+    ) -> None:
         super().__init__(name="hubmerge-reader", daemon=True)
-        self.plan = plan
+        self.jobs = jobs
         self.free: queue.Queue[Any] = queue.Queue()
         for b in buffers:
             self.free.put(b)
         self.filled: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
-        self.readers = [CheckpointReader(ck) for ck in plan.checkpoints]
+        self.readers = [CheckpointReader(ck) for ck in checkpoints]
+        self.bytes_read = 0
 
     def run(self) -> None:
         try:
-            chunk = self.plan.chunk_elems
-            for t in self.plan.tensors:
-                for start in range(0, max(t.numel, 1), chunk):
-                    count = min(chunk, t.numel - start)
-                    for s, ck in enumerate(self.plan.checkpoints):
-                        buf = self._get_free()
-                        if buf is None:
-                            return
-                        self.readers[s].read_into(ck.tensors[t.name], start, count, buf)
-                        self.filled.put(buf)
+            for s, info, start, count in self.jobs:
+                buf = self._get_free()
+                if buf is None:
+                    return
+                self.readers[s].read_into(info, start, count, buf)
+                self.bytes_read += count * ITEMSIZE[info.dtype]
+                self.filled.put(buf)
         except BaseException as e:  # handed to the main thread, which raises it
             self.filled.put(e)
         finally:
@@ -93,48 +98,76 @@ class _Reader(threading.Thread):
 
 
 class _Writer(threading.Thread):
-    """Writes finished chunks to shard files in order and returns buffers to the compute thread."""
+    """Writes finished chunks to shard files in order and returns buffers to the compute thread.
 
-    def __init__(self, buffers: list[Any]) -> None:
+    Messages name their shard by path, so several shards (one per sweep window) can be open at once.
+    """
+
+    def __init__(self, buffers: list[Any], shard_writer: type[ShardWriter] = ShardWriter) -> None:
         super().__init__(name="hubmerge-writer", daemon=True)
         self.free: queue.Queue[Any] = queue.Queue()
         for b in buffers:
             self.free.put(b)
         self.todo: queue.Queue[Any] = queue.Queue()
-        self.hashes: dict[str, str] = {}
+        self.shard_writer = shard_writer
+        self.hashes: dict[Path, str] = {}
         self.error: BaseException | None = None
-        self._shard: ShardWriter | None = None
+        self._shards: dict[Path, ShardWriter] = {}
 
     def run(self) -> None:
         while (msg := self.todo.get()) is not _STOP:
             if self.error is not None:
                 if msg[0] == "data":
-                    self.free.put(msg[1])
+                    self.free.put(msg[2])
                 continue
             try:
                 if msg[0] == "open":
-                    self._shard = ShardWriter(*msg[1:])
+                    self._shards[msg[1]] = self.shard_writer(*msg[1:])
                 elif msg[0] == "data":
-                    assert self._shard is not None
-                    self._shard.write(msg[1][: msg[2]].numpy())
-                    self.free.put(msg[1])
+                    self._shards[msg[1]].write(msg[2][: msg[3]].numpy())
+                    self.free.put(msg[2])
                 else:
-                    assert self._shard is not None
-                    self.hashes[self._shard.path.name] = self._shard.close()
-                    self._shard = None
+                    self.hashes[msg[1]] = self._shards.pop(msg[1]).close()
             except BaseException as e:
                 self.error = e
                 if msg[0] == "data":
-                    self.free.put(msg[1])
-                if self._shard is not None:
-                    self._shard.abort()
-        if self._shard is not None:
-            self._shard.abort()
+                    self.free.put(msg[2])
+                self._abort()
+        self._abort()
+
+    def _abort(self) -> None:
+        for shard in self._shards.values():
+            shard.abort()
+        self._shards.clear()
 
     def take(self) -> Any:
         if self.error is not None:
             raise self.error
         return self.free.get()
+
+
+def accumulate_blocks(src: Any, targets: list[tuple[Any, float, bool]], tmp: Any, block: int) -> None:
+    """For each ``(acc, weight, first)``: ``acc = w * src`` or ``acc += w * src``, in float32, block by block.
+
+    The source is converted to float32 once per cache-sized block (into ``tmp``) and added to every
+    target while the block is in cache: a merge has one target, a sweep one per open window. The
+    operations, and so the rounding, are the same whatever the number of targets.
+    """
+    import torch
+
+    count = src.numel()
+    is_f32 = src.dtype == torch.float32
+    for b0 in range(0, count, block):
+        b1 = min(count, b0 + block)
+        # fp16/bf16 -> fp32 conversion runs vectorised into a cache-resident block
+        x = src[b0:b1] if is_f32 else tmp[: b1 - b0].copy_(src[b0:b1])
+        for acc, weight, first in targets:
+            a = acc[b0:b1]
+            if first:
+                a.copy_(x)
+                a.mul_(weight)
+            else:
+                a.add_(x, alpha=weight)
 
 
 def _accumulate(acc: Any, src: Any, tmp: Any, weight: float, first: bool, on_cpu: bool) -> None:
@@ -148,20 +181,7 @@ def _accumulate(acc: Any, src: Any, tmp: Any, weight: float, first: bool, on_cpu
         else:
             acc.add_(x, alpha=weight)
         return
-    count = src.numel()
-    is_f32 = src.dtype == torch.float32
-    for b0 in range(0, count, BLOCK_ELEMS):
-        b1 = min(count, b0 + BLOCK_ELEMS)
-        a = acc[b0:b1]
-        if first:
-            a.copy_(src[b0:b1])
-            a.mul_(weight)
-        elif is_f32:
-            a.add_(src[b0:b1], alpha=weight)
-        else:
-            t = tmp[: b1 - b0]
-            t.copy_(src[b0:b1])  # fp16/bf16 -> fp32 conversion runs vectorised into a cache-resident block
-            a.add_(t, alpha=weight)
+    accumulate_blocks(src, [(acc, weight, first)], tmp, BLOCK_ELEMS)
 
 
 def _finish_sidecars(plan: MergePlan, folder: Path) -> None:
@@ -208,6 +228,30 @@ def provenance(plan: MergePlan, files: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def finish_output(plan: MergePlan, folder: Path, shard_hashes: dict[str, str]) -> dict[str, str]:
+    """Write the index, sidecar files and ``hubmerge.json`` next to finished shards; return every file's hash."""
+    files = dict(shard_hashes)
+    _write_index(plan, folder)
+    _finish_sidecars(plan, folder)
+    for p in sorted(folder.iterdir()):
+        if p.name not in files:
+            files[p.name] = sha256_file(p)
+    (folder / PROVENANCE_FILE).write_text(json.dumps(provenance(plan, files), indent=2) + "\n")
+    return files
+
+
+def read_jobs(
+    tensors: list[TensorPlan], checkpoints: list[Checkpoint], sources: Iterable[int], chunk: int
+) -> Iterator[tuple[int, TensorInfo, int, int]]:
+    """What the reader reads, in the order the compute loop consumes it: tensor, chunk, then source."""
+    sources = list(sources)
+    for t in tensors:
+        for start in range(0, max(t.numel, 1), chunk):
+            count = min(chunk, t.numel - start)
+            for s in sources:
+                yield s, checkpoints[s].tensors[t.name], start, count
+
+
 def _stream(plan: MergePlan, folder: Path, reader: _Reader, writer: _Writer, acc: Any, tmp: Any, bar: Any) -> None:
     """The compute loop: tensors in plan order, chunks in order, sources in order."""
     import torch
@@ -218,7 +262,8 @@ def _stream(plan: MergePlan, folder: Path, reader: _Reader, writer: _Writer, acc
     done = 0
     for shard in plan.shards:
         entries = [(t.name, t.out_dtype, t.shape, t.out_nbytes) for t in shard.tensors]
-        writer.todo.put(("open", folder / shard.file, entries, {"format": "pt"}))
+        path = folder / shard.file
+        writer.todo.put(("open", path, entries, {"format": "pt"}))
         for t in shard.tensors:
             infos = [ck.tensors[t.name] for ck in plan.checkpoints]
             for start in range(0, max(t.numel, 1), chunk):
@@ -247,10 +292,10 @@ def _stream(plan: MergePlan, folder: Path, reader: _Reader, writer: _Writer, acc
                     out[:nbytes].copy_(first[:nbytes])
                     reader.free.put(first)
                     bar.advance(nbytes * len(infos))
-                writer.todo.put(("data", out, nbytes))
+                writer.todo.put(("data", path, out, nbytes))
             done += 1
             bar.update(description=f"merging {len(plan.sources)} checkpoints: {done}/{total} tensors")
-        writer.todo.put(("close",))
+        writer.todo.put(("close", path))
 
 
 def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, threads: int = 1) -> MergeResult:
@@ -267,7 +312,9 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        reader = _Reader(plan, [torch.empty(chunk * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)])
+        buffers = [torch.empty(chunk * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
+        jobs = read_jobs(plan.tensors, plan.checkpoints, range(len(plan.checkpoints)), chunk)
+        reader = _Reader(plan.checkpoints, jobs, buffers)
         writer = _Writer([torch.empty(chunk * out_item, dtype=torch.uint8) for _ in range(WRITE_BUFFERS)])
         acc = torch.empty(chunk, dtype=torch.float32, device=device)
         tmp = torch.empty(min(chunk, BLOCK_ELEMS), dtype=torch.float32)
@@ -286,13 +333,7 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
                 writer.join()
             if writer.error is not None:
                 raise writer.error
-            files = dict(writer.hashes)
-            _write_index(plan, folder)
-            _finish_sidecars(plan, folder)
-            for p in sorted(folder.iterdir()):
-                if p.name not in files:
-                    files[p.name] = sha256_file(p)
-            (folder / PROVENANCE_FILE).write_text(json.dumps(provenance(plan, files), indent=2) + "\n")
+            files = finish_output(plan, folder, {p.name: h for p, h in writer.hashes.items()})
             out_dir.commit()
     finally:
         torch.set_num_threads(previous_threads)

@@ -208,16 +208,18 @@ def build_plan(
     device: str = "cpu",
     force: bool = False,
     weights: list[float] | None = None,
+    checkpoints: list[Checkpoint] | None = None,
 ) -> MergePlan:
     """Inspect every source's headers and decide the output; reads no tensor data.
 
     ``sources`` are resolved folders (Hub sources arrive here already downloaded); by default the
-    recipe's local paths.
+    recipe's local paths. ``checkpoints``, when given, are those sources already opened (a sweep plans
+    many windows over the same checkpoints and opens each once).
     """
     where = recipe_file or "<recipe>"
     if sources is None:
         sources = [SourceRef(p, p.name) for p in check_local_paths(recipe, where)]
-    cks = [open_checkpoint(s.path) for s in sources]
+    cks = checkpoints if checkpoints is not None else [open_checkpoint(s.path) for s in sources]
     _check_compatible(sources, cks)
     weights = source_weights(
         recipe.method, len(sources), weights or recipe.weights, recipe.ema.decay if recipe.ema else None
