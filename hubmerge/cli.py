@@ -304,6 +304,143 @@ def hub_serve(
     serve(root, host=host, port=port)
 
 
+Results = Annotated[
+    Path | None,
+    typer.Option("--results", envvar="HUBMERGE_RESULTS", help="Results folder (default ./hubmerge-results)."),
+]
+
+
+@app.command("eval")
+@command
+def eval_(
+    targets: Annotated[list[str], typer.Argument(help="Model folders and/or Hub repo ids (with --select).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks, e.g. arc_easy,piqa,blimp.")],
+    select: Select = None,
+    data: Annotated[Path | None, typer.Option(help="Local data for the task(s): a file or a folder.")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N examples of each task (as lm-eval's --limit).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Requests per forward pass (default: by token budget).")
+    ] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Also ensemble every window of K consecutive models.")] = None,
+    results: Results = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    use_ray: Annotated[bool, typer.Option("--ray", help="Fan (model, task) pairs out over a local Ray.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be scored and stop.")] = False,
+    endpoint: Endpoint = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score checkpoints, merges and ensembles on downstream tasks; every per-example score is stored."""
+    from .evaluation import load_tasks, plan_eval, render_results, run_eval, target_from_folder, targets_from_hub
+    from .revisions import parse_selector
+    from .store import ResultsStore
+
+    resolved = []
+    for t in targets:
+        if Path(t).is_dir():
+            resolved.append(target_from_folder(t))
+        elif select is None:
+            raise typer.BadParameter(f"{t} is not a folder; for a Hub repo say which revisions with --select")
+        else:
+            resolved += targets_from_hub(t, parse_selector(select), endpoint=endpoint)
+    task_data = load_tasks(tasks, data=data, limit=limit)
+    store = ResultsStore(results)
+    plan = plan_eval(resolved, task_data, store, ensemble)
+    if dry_run:
+        info = plan.to_dict()
+        if as_json:
+            out.print_json(data=info)
+        else:
+            out.print(
+                f"{len(plan.targets)} models x {len(plan.tasks)} tasks; to score: {info['examples_to_score']} "
+                f"examples ({info['requests_to_score']} requests); results in {store.path}"
+            )
+        return
+    result = run_eval(
+        plan,
+        store,
+        batch_size=batch_size,
+        device=device,
+        endpoint=endpoint,
+        quiet=quiet or as_json,
+        use_ray=use_ray,
+        ray_address=ray_address,
+    )
+    if as_json:
+        out.print_json(
+            data={
+                "scored_requests": result.scored,
+                "scores": [s.__dict__ for s in result.scores],
+                "ensembles": [
+                    {
+                        k: e[k]
+                        for k in (
+                            "label",
+                            "task",
+                            "n",
+                            "probability",
+                            "majority",
+                            "probability_norm",
+                            "majority_norm",
+                            "member_labels",
+                        )
+                    }
+                    for e in result.ensembles
+                ],
+            }
+        )
+        return
+    render_results(result, out)
+    out.print(f"scored {result.scored} requests this run; results in {store.path}")
+
+
+@app.command()
+@command
+def results(
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated task names (default: all).")] = None,
+    results_dir: Results = None,
+    export: Annotated[Path | None, typer.Option(help="Write to this file (.csv, .parquet, .json, .jsonl).")] = None,
+    table: Annotated[str, typer.Option(help="What to export: scores, predictions or logliks.")] = "scores",
+    as_json: Json = False,
+) -> None:
+    """Show (and export) what the results store holds: per (model, task) scores."""
+    from rich.table import Table
+
+    from .store import ResultsStore
+
+    store = ResultsStore(results_dir, read_only=True)
+    names = [t.strip() for t in tasks.split(",")] if tasks else None
+    if export is not None:
+        path = store.export(export, table=table, task=names)
+        out.print(f"wrote {path}")
+        return
+    rows = store.scores(names)
+    if as_json:
+        out.print_json(data=[r.__dict__ for r in rows])
+        return
+    view = Table(title=f"results in {store.path}", title_justify="left")
+    for c in ("task", "model", "step", "n", "acc", "acc_norm", "perplexity", "bits/byte"):
+        view.add_column(c, justify="left" if c in ("task", "model") else "right")
+    for r in rows:
+        ppl = r.perplexity if r.perplexity is not None else r.word_perplexity
+
+        def f(v: float | None, d: int = 4) -> str:
+            return "-" if v is None else f"{v:.{d}f}"
+
+        view.add_row(
+            r.task,
+            r.model,
+            "-" if r.step is None else str(r.step),
+            f"{r.n}/{r.n_examples}",
+            f(r.acc),
+            f(r.acc_norm),
+            f(ppl, 2),
+            f(r.bits_per_byte),
+        )
+    out.print(view)
+
+
 @app.command()
 @command
 def stability(
