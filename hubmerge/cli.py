@@ -100,7 +100,7 @@ def merge(
     quiet: Quiet = False,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first)."""
-    from .merge import execute, plan_recipe, push_after_merge
+    from .merge import execute, finish_merge, plan_recipe
     from .recipe import HubSources, load_recipe
 
     if dry_run and isinstance(load_recipe(recipe)[0].sources, HubSources):
@@ -113,7 +113,12 @@ def merge(
     if not quiet and not as_json:
         _show_plan(plan, False)
     result = execute(plan, force=force, quiet=quiet or as_json, threads=threads)
-    pushed = push_after_merge(recipe, result, endpoint=endpoint)
+    finish_merge(recipe, plan, result, endpoint=endpoint, quiet=quiet or as_json)
+    pushed = result.pushed
+    if result.evaluation is not None and not as_json:
+        from .evaluation import render_results
+
+        render_results(result.evaluation, out)
     if as_json:
         out.print_json(
             data={
@@ -324,6 +329,9 @@ def eval_(
     ensemble: Annotated[int | None, typer.Option(help="Also ensemble every window of K consecutive models.")] = None,
     results: Results = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option(help="Torch CPU threads (default: torch's; 1 suits small models on busy machines).")
+    ] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Fan (model, task) pairs out over a local Ray.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be scored and stop.")] = False,
@@ -346,6 +354,10 @@ def eval_(
             resolved += targets_from_hub(t, parse_selector(select), endpoint=endpoint)
     task_data = load_tasks(tasks, data=data, limit=limit)
     store = ResultsStore(results)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     plan = plan_eval(resolved, task_data, store, ensemble)
     if dry_run:
         info = plan.to_dict()
@@ -458,25 +470,43 @@ def stability(
         "hubmerge-stability"
     ),
     title: Annotated[str | None, typer.Option(help="Model name for titles.")] = None,
+    results_dir: Results = None,
+    repo: Annotated[str | None, typer.Option(help="Results store: the repo whose revisions to use.")] = None,
+    ensemble: Annotated[str | None, typer.Option(help="Results store: ensemble window sizes, e.g. 2,4.")] = None,
     as_json: Json = False,
 ) -> None:
-    """Instability of downstream scores along a trajectory: MTV, flip rate, IS, windowed std/range/worst drop."""
-    from .reports import render_comparison, stability_from_lm_eval
+    """Instability of downstream scores along a trajectory: MTV, flip rate, IS, windowed std/range/worst drop.
 
-    if not lm_eval:
-        raise typer.BadParameter("give result files with --lm-eval (results-store input comes with hubmerge eval)")
+    From lm-eval result files (aggregate scores) with --lm-eval; otherwise from the results store: the
+    per-example scores of every evaluated revision (of --repo), and ensembles of their windows (--ensemble).
+    """
+    from .reports import render_comparison, stability_from_lm_eval, stability_from_store
+
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    result = stability_from_lm_eval(
-        lm_eval,
-        tasks=task_list,
-        metric=(metric,),
-        since=since,
-        until=until,
-        window=window,
-        stride=stride,
-        out=out_dir,
-        title=title,
-    )
+    if lm_eval:
+        result = stability_from_lm_eval(
+            lm_eval,
+            tasks=task_list,
+            metric=(metric,),
+            since=since,
+            until=until,
+            window=window,
+            stride=stride,
+            out=out_dir,
+            title=title,
+        )
+    else:
+        sizes = [int(x) for x in ensemble.split(",")] if ensemble else []
+        result = stability_from_store(
+            results_dir,
+            repo=repo,
+            tasks=task_list,
+            ensembles=sizes,
+            since=since,
+            until=until,
+            out=out_dir,
+            title=title,
+        )
     if as_json:
         out.print_json(data=result.comparison.to_dict())
         return
@@ -484,6 +514,58 @@ def stability(
     for task, why in result.skipped.items():
         err.print(f"skipped {task}: {why}", highlight=False)
     out.print("wrote " + ", ".join(str(p) for p in result.files))
+
+
+@app.command()
+@command
+def card(
+    folder: Annotated[Path, typer.Argument(help="A merged model folder (with hubmerge.json).")],
+    results_dir: Results = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all stored for it).")] = None,
+    license_: Annotated[str | None, typer.Option("--license", help="License id, if the sources' is unknown.")] = None,
+) -> None:
+    """Write the stability model card (README.md) of a merge from the results store."""
+    from .card import write_card_from_store
+
+    names = [t.strip() for t in tasks.split(",")] if tasks else None
+    path = write_card_from_store(folder, results_dir, names, license=license_)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+@command
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="Recipe with sources, a sweep: block and an evaluate: block.")],
+    keep: Annotated[bool | None, typer.Option("--keep/--no-keep", help="Keep every window's merged folder.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default OUTPUT/report).")] = None,
+    endpoint: Endpoint = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Average every window of a trajectory (one shared read), score raw/averaged/ensembled, report stability."""
+    from .reports import render_comparison
+    from .sweep import run_sweep_recipe
+
+    report = run_sweep_recipe(recipe, endpoint=endpoint, keep=keep, out=out_dir, quiet=quiet or as_json)
+    if as_json:
+        out.print_json(
+            data={
+                "recommendation": report.recommendation,
+                "files": [str(p) for p in report.files],
+                "comparison": report.comparison.to_dict(),
+            }
+        )
+        return
+    render_comparison(report.comparison, out, "sweep")
+    rec = report.recommendation
+    if "window" in rec:
+        out.print(
+            f"[bold]recommended:[/bold] window size {rec['window_size']}, {rec['window']} "
+            f"(mean score {rec['mean_score']:.4f}); {rec['how']}"
+        )
+    else:
+        out.print(rec["how"])
+    out.print("wrote " + ", ".join(str(p) for p in report.files))
 
 
 @app.command()

@@ -3,8 +3,9 @@
 It starts a local Hub server, trains a tiny causal LM on a toy English grammar while saving
 checkpoints, pushes every checkpoint as a ``stepN`` branch (as Pythia publishes them), lists the
 revisions, checks the trajectory's integrity, merges the last window from the Hub through a recipe,
-and pushes the merge to a new repo. Each stage is a function over a shared context, so later
-capabilities (evaluation, the model card) are added as stages.
+evaluates the window's checkpoints, the merge and their ensemble on the grammar's minimal pairs,
+writes the stability model card, and pushes the merge with its card to a new repo. Each stage is a
+function over a shared context, so the pipeline grows by adding stages.
 
 Everything lives under one folder (``hubmerge-demo/`` by default), including its own HF cache, so
 the demo never touches the user's cache or account.
@@ -36,6 +37,7 @@ class DemoConfig:
     steps: int = 300
     save_every: int = 25
     window: int = 4
+    pairs: int = 40  # minimal pairs per grammar paradigm in the evaluation slice
     seed: int = 0
     port: int = 0
     quiet: bool = False
@@ -51,6 +53,7 @@ class DemoContext:
     recipe: Path | None = None
     merged: Path | None = None
     merged_repo: str | None = None
+    evaluation: Any = None
     summary: list[tuple[str, str]] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)
 
@@ -167,20 +170,58 @@ def stage_merge(ctx: DemoContext) -> None:
     cfg = ctx.config
     ctx.merged = (cfg.out / f"merged-last{cfg.window}").resolve()
     ctx.merged_repo = f"demo/tiny-grammar-last{cfg.window}"
+    from .grammar import write_minimal_pairs
+
+    pairs = write_minimal_pairs((cfg.out / "grammar-pairs.jsonl").resolve(), cfg.pairs, seed=cfg.seed + 1)
     recipe = {
         "name": f"tiny-grammar-last{cfg.window}",
         "sources": {"repo": TRAJECTORY_REPO, "select": {"last": cfg.window}},
         "method": "uniform",
         "output": {"path": str(ctx.merged), "push": {"repo": ctx.merged_repo}},
+        "evaluate": {"tasks": "blimp", "data": str(pairs), "results": str((cfg.out / "results").resolve())},
     }
     ctx.recipe = cfg.out / "recipe.yaml"
     ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     ctx.console.print(f"recipe written to {ctx.recipe}:\n{ctx.recipe.read_text()}")
     result = merge_recipe(ctx.recipe, quiet=cfg.quiet, endpoint=ctx.endpoint, token=DEMO_TOKEN)
+    ctx.evaluation = result.evaluation
     ctx.summary.append(("recipe", str(ctx.recipe)))
     ctx.summary.append(("merged model", str(result.output)))
+    if result.card is not None:
+        ctx.summary.append(("model card", str(result.card)))
+        plot = result.card.parent / "stability.png"
+        if plot.is_file():
+            ctx.summary.append(("plot", str(plot)))
+    ctx.summary.append(("results store", str((cfg.out / "results" / "results.duckdb").resolve())))
     if result.pushed is not None:
-        ctx.summary.append(("merged repo", result.pushed.commit_url))
+        ctx.summary.append(("merged repo (with card)", f"{ctx.endpoint}/{ctx.merged_repo}"))
+        ctx.summary.append(("read the card", f"{ctx.endpoint}/{ctx.merged_repo}/resolve/main/README.md"))
+
+
+def stage_scores(ctx: DemoContext) -> None:
+    """Raw checkpoints vs their average vs their ensemble: mean accuracy over the grammar's paradigms."""
+    import numpy as np
+
+    ev = ctx.evaluation
+    if ev is None:
+        return
+    table = Table(title="grammar minimal pairs: accuracy (mean over paradigms)", title_justify="left")
+    table.add_column("model")
+    table.add_column("mean acc", justify="right")
+    table.add_column("per paradigm (min..max)", justify="right")
+    by_model: dict[str, list[float]] = {}
+    for s in ev.scores:
+        by_model.setdefault(s.model, []).append(s.acc)
+    for label, accs in by_model.items():
+        table.add_row(label, f"{np.mean(accs):.3f}", f"{min(accs):.2f}..{max(accs):.2f}")
+    ens = [e["probability"] for e in ev.ensembles]
+    if ens:
+        table.add_row(
+            f"ensemble of the {ctx.config.window} (prob. avg.)",
+            f"{np.mean(ens):.3f}",
+            f"{min(ens):.2f}..{max(ens):.2f}",
+        )
+    ctx.console.print(table)
 
 
 def stage_load(ctx: DemoContext) -> None:
@@ -206,7 +247,8 @@ STAGES: list[Stage] = [
     ("push every checkpoint as a stepN branch", stage_push_trajectory),
     ("list the revisions in training order", stage_revisions),
     ("check the window's integrity", stage_check),
-    ("merge the last window from the Hub and push it", stage_merge),
+    ("merge the last window, evaluate it, write its card, push both", stage_merge),
+    ("compare raw checkpoints, the merge and the ensemble", stage_scores),
     ("load the merge with transformers", stage_load),
 ]
 
@@ -220,13 +262,21 @@ def run_demo(config: DemoConfig | None = None, stages: list[Stage] | None = None
     ctx = DemoContext(config, console)
     stages = stages or STAGES
     began = time.perf_counter()
+    import torch
+
+    # The demo's models are tiny: per-op overhead dominates and a second thread only adds OpenMP spin-waits,
+    # which on a busy 2-core machine made training 20x slower. One thread is fastest here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for i, (title, fn) in enumerate(stages, 1):
             console.rule(f"[bold][{i}/{len(stages)}] {title}")
             t0 = time.perf_counter()
             fn(ctx)
             ctx.timings.append((title, time.perf_counter() - t0))
+            console.print(f"[dim]({ctx.timings[-1][1]:.1f} s)[/dim]")
     finally:
+        torch.set_num_threads(threads)
         if ctx.hub is not None:
             ctx.hub.stop()
     table = Table(title=f"hubmerge demo: done in {time.perf_counter() - began:.0f} s", title_justify="left")

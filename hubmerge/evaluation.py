@@ -338,6 +338,30 @@ def _ray_score(
     return score_task(model, tokenizer, task, docs, batch_size=batch_size, device=device)
 
 
+def evaluate_merge(
+    merge_plan: Any,
+    output: Path,
+    cfg: Any,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    quiet: bool = False,
+) -> EvalResult:
+    """A recipe's ``evaluate:`` block: the merged model, each source checkpoint, and the sources' ensemble."""
+    from .store import ResultsStore
+    from .sweep import load_recipe_tasks, source_targets
+
+    tasks = load_recipe_tasks(cfg)
+    store = ResultsStore(cfg.results)
+    sources = source_targets(merge_plan.sources)
+    merged = target_from_folder(output, label=f"merged: {merge_plan.name}")
+    plan = plan_eval([*sources, merged], tasks, store)
+    result = run_eval(plan, store, batch_size=cfg.batch_size, endpoint=endpoint, token=token, quiet=quiet)
+    if len(sources) > 1:
+        result.ensembles = ensembles(EvalPlan(sources, tasks, {}, ensemble=len(sources)), store)
+    return result
+
+
 def render_results(result: EvalResult, console: Any) -> None:
     """Per task: each model's acc / acc_norm (or perplexities), then the ensembles."""
     from rich.table import Table

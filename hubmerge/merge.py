@@ -45,6 +45,8 @@ class MergeResult:
     bytes_read: int
     bytes_written: int
     pushed: Any = None  # a push.PushResult when the recipe's output.push uploaded the merge
+    evaluation: Any = None  # an evaluation.EvalResult when the recipe has an evaluate: block
+    card: Path | None = None  # the model card (README.md) written after that evaluation
 
 
 class _Reader(threading.Thread):
@@ -399,6 +401,31 @@ def merge_recipe(
     """``hubmerge merge RECIPE``: plan, check, then stream the merge into ``output.path``."""
     plan = plan_recipe(recipe_path, device=device, force=force, endpoint=endpoint, token=token, quiet=quiet)
     result = execute(plan, force=force, quiet=quiet, threads=threads)
+    finish_merge(recipe_path, plan, result, endpoint=endpoint, token=token, quiet=quiet)
+    return result
+
+
+def finish_merge(
+    recipe_path: str | Path,
+    plan: MergePlan,
+    result: MergeResult,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    quiet: bool = False,
+) -> MergeResult:
+    """What a recipe asks for after the merge: evaluate (``evaluate:``), then push (``output.push``)."""
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)[0]
+    if recipe.evaluate is not None:
+        from .card import write_card_from_store
+        from .evaluation import evaluate_merge
+
+        result.evaluation = evaluate_merge(
+            plan, result.output, recipe.evaluate, endpoint=endpoint, token=token, quiet=quiet
+        )
+        result.card = write_card_from_store(result.output, recipe.evaluate.results)
     push_after_merge(recipe_path, result, endpoint=endpoint, token=token)
     return result
 

@@ -95,6 +95,37 @@ class OutputConfig(_Strict):
         return parse_size(self.max_shard_size)
 
 
+class EvaluateConfig(_Strict):
+    """Tasks to score after a merge (the merge, its sources and their ensemble) or along a sweep."""
+
+    tasks: list[str] | str
+    data: str | dict[str, str] | None = None  # one file/folder for all tasks, or task -> file
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    results: str | None = None  # results folder; default ./hubmerge-results or HUBMERGE_RESULTS
+
+    @property
+    def task_list(self) -> list[str]:
+        names = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+        return [n.strip() for n in names if n.strip()]
+
+
+class SweepConfig(_Strict):
+    """Window sizes and stride for ``hubmerge sweep``; size 1 is the raw checkpoint."""
+
+    sizes: list[int] = Field(default=[1, 2, 4, 8], min_length=1)
+    stride: int = Field(default=1, ge=1)
+    keep: bool = False  # keep every window's merged folder (by default each is deleted once scored)
+    max_windows_on_disk: int | None = Field(default=None, ge=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError("window sizes must be at least 1")
+        return sorted(set(v))
+
+
 class Recipe(_Strict):
     """A merge: which checkpoints, how to weight them, and where the result goes."""
 
@@ -105,6 +136,8 @@ class Recipe(_Strict):
     ema: EmaConfig | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     output: OutputConfig
+    evaluate: EvaluateConfig | None = None
+    sweep: SweepConfig | None = None
 
     @property
     def source_count(self) -> int | None:

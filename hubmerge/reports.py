@@ -79,6 +79,72 @@ def stability_from_lm_eval(
     return result
 
 
+@dataclass(frozen=True)
+class _Member:
+    """A stored model as the stability series see it."""
+
+    key: str
+    label: str
+    step: int | None
+
+
+@dataclass(frozen=True)
+class _StoredTask:
+    """The part of a task the stability series need, rebuilt from the store's tasks table."""
+
+    name: str
+    kind: str
+    data_hash: str
+
+    @property
+    def spec(self) -> _StoredTask:
+        return self
+
+
+def stability_from_store(
+    results: str | Path | None,
+    *,
+    repo: str | None = None,
+    tasks: Sequence[str] | None = None,
+    ensembles: Sequence[int] = (),
+    since: int | None = None,
+    until: int | None = None,
+    out: str | Path | None = None,
+    title: str | None = None,
+) -> StabilityOutput:
+    """Per-example stability of the revisions in the results store (ordered by step), and of ensembles of
+    their windows computed from stored scores. Averaged windows come from ``hubmerge sweep``."""
+    from .stability import compare
+    from .store import ResultsStore
+    from .sweep import _ensemble_series, _series
+
+    store = ResultsStore(results, read_only=True)
+    models = [m for m in store.models() if m.get("step") is not None and (repo is None or m.get("repo") == repo)]
+    models = sorted((m for m in models if _in_range(m["step"], since, until)), key=lambda m: m["step"])
+    if not models:
+        raise StabilityError(f"no evaluated revisions{f' of {repo}' if repo else ''} with steps in {store.path}")
+    task_objs = [
+        _StoredTask(t["name"], t["kind"], t["data_hash"])
+        for t in store.tasks()
+        if (tasks is None or t["name"] in tasks) and t["kind"] in ("multiple_choice", "minimal_pairs")
+    ]
+    if not task_objs:
+        raise StabilityError(f"no multiple-choice or minimal-pairs task in {store.path} matches {tasks}")
+    members = [_Member(m["model_key"], m["label"], m["step"]) for m in models]
+    raw = _series(store, [m.key for m in members], [m.label for m in members], [m.step for m in members], task_objs)
+    ens = {
+        w: _ensemble_series(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs)
+        for w in ensembles
+        if 2 <= w <= len(members)
+    }
+    comparison = compare(raw, {}, ens)
+    source = f"results store {store.path}, {len(members)} revisions{f' of {repo}' if repo else ''}"
+    result = StabilityOutput(comparison, source, title or repo)
+    if out is not None:
+        result.files = write_outputs(comparison, Path(out), model=result.model, source=source)
+    return result
+
+
 def _fmt_step(step: float | None) -> str:
     if step is None:
         return "?"
@@ -128,7 +194,8 @@ def _drop_where(ts: Any) -> str:
 def render_comparison(comparison: Any, console: Any, title: str) -> None:
     """Raw only: one row per task. With averages/ensembles: per task, one row per series, side by side.
 
-    Columns with no value anywhere (per-example metrics of aggregate-only input) are left out.
+    Columns with no value anywhere (per-example metrics of aggregate-only input) are left out; the
+    side-by-side tables keep the headline metrics (the CSV and JSON have them all).
     """
     from rich.table import Table
 
@@ -137,26 +204,24 @@ def render_comparison(comparison: Any, console: Any, title: str) -> None:
         for m, w, report in comparison.series()
         for task, ts in report.tasks.items()
     ]
-    shown = [(h, a) for h, a in _METRIC_COLUMNS if any(getattr(ts, a) is not None for _, _, ts in rows)]
-    shown = [(h, a) for h, a in shown if any(_cell(getattr(ts, a)) != "-" for _, _, ts in rows)]
     raw_only = len(comparison.series()) == 1
-    groups = (
-        [(title, rows)]
-        if raw_only
-        else [(f"{title}: {t}", [r for r in rows if r[0] == t]) for t in comparison.raw.tasks]
-    )
+    columns = _METRIC_COLUMNS if raw_only else [c for c in _METRIC_COLUMNS if c[1] not in ("std", "range")]
+    shown = [(h, a) for h, a in columns if any(_cell(getattr(ts, a)) != "-" for _, _, ts in rows)]
+    digits = 4 if raw_only else 3
+    if raw_only:
+        groups = [(title, rows)]
+    else:
+        groups = [(f"{title}: {t}", [r for r in rows if r[0] == t]) for t in comparison.raw.tasks]
     for heading, group in groups:
         table = Table(title=heading, title_justify="left")
-        table.add_column("task" if raw_only else "series")
+        table.add_column("task" if raw_only else "series", no_wrap=True)
         table.add_column("n", justify="right")
         for header, _ in shown:
             table.add_column(header, justify="right")
-        table.add_column("worst drop at")
+        if raw_only:
+            table.add_column("worst drop at")
         for task, series, ts in group:
-            table.add_row(
-                f"{task} ({ts.metric})" if raw_only else series,
-                str(ts.n_points),
-                *(_cell(getattr(ts, a)) for _, a in shown),
-                _drop_where(ts),
-            )
+            cells = [_cell(getattr(ts, a), digits) for _, a in shown]
+            name = f"{task} ({ts.metric})" if raw_only else series
+            table.add_row(name, str(ts.n_points), *cells, *([_drop_where(ts)] if raw_only else []))
         console.print(table)

@@ -278,3 +278,63 @@ def test_ray_path_on_a_local_ray_instance(tmp_path, models):
     assert sorted((s.model_key, s.task, s.acc) for s in result.scores) == sorted(
         (s.model_key, s.task, s.acc) for s in expected.scores
     )
+
+
+def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path, models):
+    import yaml
+
+    from hubmerge.merge import merge_recipe
+
+    data = pairs_file(tmp_path / "pairs.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "avg",
+                "sources": [{"path": str(p)} for p in models],
+                "output": {"path": str(tmp_path / "merged")},
+                "evaluate": {"tasks": "blimp", "data": str(data), "results": str(tmp_path / "res")},
+            }
+        )
+    )
+    result = merge_recipe(recipe, quiet=True)
+    ev = result.evaluation
+    labels = {s.model for s in ev.scores}
+    assert {"step100", "step200", "step300", "merged: avg"} <= labels
+    tasks = {s.task for s in ev.scores}
+    assert len(ev.ensembles) == len(tasks) and all(
+        e["member_labels"] == ["step100", "step200", "step300"] for e in ev.ensembles
+    )
+    res = runner.invoke(app, ["results", "--results", str(tmp_path / "res"), "--json"])
+    assert {r["model"] for r in json.loads(res.output)} == labels
+
+
+def test_merge_with_evaluate_block_writes_a_card_and_hubmerge_card_rewrites_it(tmp_path, models):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from hubmerge.merge import merge_recipe
+
+    data = pairs_file(tmp_path / "pairs.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "avg",
+                "sources": [{"path": str(p)} for p in models],
+                "output": {"path": str(tmp_path / "merged")},
+                "evaluate": {"tasks": "blimp", "data": str(data), "results": str(tmp_path / "res")},
+            }
+        )
+    )
+    result = merge_recipe(recipe, quiet=True)
+    card = ModelCard.load(result.card)
+    assert {"merge", "checkpoint-averaging", "hubmerge"} <= set(card.data.tags)
+    merged = {s.task: s.acc for s in result.evaluation.scores if s.model == "merged: avg"}
+    index = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert index == pytest.approx(merged)
+    assert (tmp_path / "merged" / "stability.png").is_file()
+    before = result.card.read_bytes()
+    res = runner.invoke(app, ["card", str(tmp_path / "merged"), "--results", str(tmp_path / "res")])
+    assert res.exit_code == 0, res.output
+    assert result.card.read_bytes() == before  # same evidence, same card

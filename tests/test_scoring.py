@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hubmerge import scoring
 from hubmerge.errors import SourceError, TaskDataError
 from hubmerge.scoring import (
     LogLikelihood,
@@ -282,3 +283,39 @@ def test_shared_context_runs_once(lm):
     ctx = pairs[0][0]
     assert shared[0] == 1 and shared[1] <= len(ctx) + sum(len(cont) - 1 for _, cont in pairs)
     assert plain == (4, max(len(c) + len(t) - 1 for c, t in pairs))  # lm-eval's way: four full rows
+
+
+def test_minimal_pairs_share_their_common_words(lm):
+    """BLiMP: empty contexts, so only the sentences' common first tokens can be shared."""
+    model, tok = lm
+    pair = REQUESTS[9:11]
+    shapes = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        got = score_requests(model, tok, pair)
+    finally:
+        hook.remove()
+    pairs = encode_requests(tok, pair)
+    (ctx, good), (_, bad) = pairs
+    common = next(i for i, (a, b) in enumerate(zip(good, bad, strict=False)) if a != b)
+    assert shapes[-1] == (1, len(ctx) + len(good) - 1 + len(bad) - 1 - common)
+    _assert_close(got, [_reference(model, c, t) for c, t in pairs], [len(good), len(bad)])
+
+
+@pytest.mark.parametrize(
+    "api",
+    [
+        {"keep_kw": "logits_to_keep", "bool_keep": False, "can_pack": True},  # transformers 4.50 to 4.x
+        {"keep_kw": None, "bool_keep": False, "can_pack": True},  # a model without logits_to_keep
+        {"keep_kw": "logits_to_keep", "bool_keep": True, "can_pack": False},  # positions from the mask (ALiBi)
+    ],
+)
+def test_fallbacks_give_the_same_numbers(lm, monkeypatch, api):
+    model, tok = lm
+    want = score_requests(model, tok, REQUESTS)
+    monkeypatch.setattr(scoring, "_api", lambda model, device: scoring._Api(**api))
+    got = score_requests(model, tok, REQUESTS)
+    for g, w in zip(got, want, strict=True):
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-5) and g.is_greedy == w.is_greedy
