@@ -120,12 +120,13 @@ def plan_eval(targets: list[EvalTarget], tasks: list[TaskData], store: Any, ense
     if ensemble is not None and not 1 <= ensemble <= len(targets):
         raise HubmergeError(f"--ensemble {ensemble}: needs between 1 and {len(targets)} models (one per revision)")
     todo: dict[tuple[str, str], list[int]] = {}
-    for target in EvalPlan(targets, tasks, {}).unique_targets():
-        for task in tasks:
-            done = store.done_docs(target.key, _task_key(task))
-            missing = [ex.doc_id for ex in task.examples if ex.doc_id not in done]
-            if missing:
-                todo[(target.key, _task_key(task))] = missing
+    with store:  # one connection for every (model, task) lookup
+        for target in EvalPlan(targets, tasks, {}).unique_targets():
+            for task in tasks:
+                done = store.done_docs(target.key, _task_key(task))
+                missing = [ex.doc_id for ex in task.examples if ex.doc_id not in done]
+                if missing:
+                    todo[(target.key, _task_key(task))] = missing
     return EvalPlan(targets, tasks, todo, ensemble)
 
 

@@ -131,12 +131,14 @@ def stability_from_store(
     if not task_objs:
         raise StabilityError(f"no multiple-choice or minimal-pairs task in {store.path} matches {tasks}")
     members = [_Member(m["model_key"], m["label"], m["step"]) for m in models]
-    raw = _series(store, [m.key for m in members], [m.label for m in members], [m.step for m in members], task_objs)
-    ens = {
-        w: _ensemble_series(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs)
-        for w in ensembles
-        if 2 <= w <= len(members)
-    }
+    with store:  # one connection for the many reads below
+        keys, labels, steps = [m.key for m in members], [m.label for m in members], [m.step for m in members]
+        raw = _series(store, keys, labels, steps, task_objs)
+        ens = {
+            w: _ensemble_series(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs)
+            for w in ensembles
+            if 2 <= w <= len(members)
+        }
     comparison = compare(raw, {}, ens)
     source = f"results store {store.path}, {len(members)} revisions{f' of {repo}' if repo else ''}"
     result = StabilityOutput(comparison, source, title or repo)

@@ -241,15 +241,16 @@ def run_sweep_recipe(
     from .stability import compare
     from .sweep_merge import window_positions
 
-    raw_report = _series(store, [t.key for t in raw], [t.label for t in raw], [t.step for t in raw], tasks)
-    averaged, ensembled = {}, {}
-    for w in averaged_sizes:
-        positions = [(s, w) for s, size in window_positions(len(raw), [w], recipe.sweep.stride) if size == w]
-        names = [n for n in splan.windows if n.size == w]
-        keys = [window_keys[n.name] for n in names]
-        labels = [f"{raw[n.start].label}..{raw[n.end].label}" for n in names]
-        averaged[w] = _series(store, keys, labels, [raw[n.end].step for n in names], tasks)
-        ensembled[w] = _ensemble_series(store, raw, positions, tasks)
+    with store:  # one connection for the hundreds of reads below
+        raw_report = _series(store, [t.key for t in raw], [t.label for t in raw], [t.step for t in raw], tasks)
+        averaged, ensembled = {}, {}
+        for w in averaged_sizes:
+            positions = [(s, w) for s, size in window_positions(len(raw), [w], recipe.sweep.stride) if size == w]
+            names = [n for n in splan.windows if n.size == w]
+            keys = [window_keys[n.name] for n in names]
+            labels = [f"{raw[n.start].label}..{raw[n.end].label}" for n in names]
+            averaged[w] = _series(store, keys, labels, [raw[n.end].step for n in names], tasks)
+            ensembled[w] = _ensemble_series(store, raw, positions, tasks)
     comparison = compare(raw_report, averaged, ensembled)
     report = SweepReport(comparison, recommend(comparison))
     report.windows = len(window_keys)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tests use tiny models: one torch thread is fastest, and on a busy 2-core machine a second thread's
+# OpenMP spin-waits made them many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -40,9 +40,17 @@ def sweep_recipe(tmp_path: Path, ckpts: list[Path], pairs: Path, **sweep) -> Pat
     return path
 
 
-def test_sweep_scores_every_series_and_recommends(tmp_path, trajectory):
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, trajectory):
+    """One sweep, shared: the tests below check it, rerun it, and drive the CLI over it."""
     ckpts, pairs = trajectory
-    report = run_sweep_recipe(sweep_recipe(tmp_path, ckpts, pairs), quiet=True)
+    root = tmp_path_factory.mktemp("sweep")
+    recipe = sweep_recipe(root, ckpts, pairs)
+    return root, recipe, run_sweep_recipe(recipe, quiet=True)
+
+
+def test_sweep_scores_every_series_and_recommends(swept):
+    root, _, report = swept
     comp = report.comparison
     assert len(comp.raw.labels) == 6
     assert [len(comp.averaged[w].labels) for w in (2, 3)] == [5, 4]
@@ -51,19 +59,17 @@ def test_sweep_scores_every_series_and_recommends(tmp_path, trajectory):
     for ts in comp.raw.tasks.values():  # per-example metrics are present, since the store holds every example
         assert ts.flip_rate is not None and ts.instability_score is not None and ts.gold_prob_mtv is not None
     # Every averaged window was scored and then deleted (not kept), leaving only its provenance.
-    root = tmp_path / "sweep"
-    assert len(list(root.glob("*.deleted.json"))) == 9
-    assert not [p for p in root.iterdir() if p.is_dir() and p.name != "report"]
+    out = root / "sweep"
+    assert len(list(out.glob("*.deleted.json"))) == 9
+    assert not [p for p in out.iterdir() if p.is_dir() and p.name != "report"]
     rec = report.recommendation
     assert rec["window_size"] in (2, 3) and "flip rate" in rec["how"]
-    assert (root / "report" / "stability.csv").is_file() and (root / "report" / "stability-flip-rate.png").is_file()
-    assert json.loads((root / "report" / "recommendation.json").read_text()) == rec
+    assert (out / "report" / "stability.csv").is_file() and (out / "report" / "stability-flip-rate.png").is_file()
+    assert json.loads((out / "report" / "recommendation.json").read_text()) == rec
 
 
-def test_sweep_rerun_skips_finished_windows_and_scores(tmp_path, trajectory):
-    ckpts, pairs = trajectory
-    recipe = sweep_recipe(tmp_path, ckpts, pairs)
-    first = run_sweep_recipe(recipe, quiet=True)
+def test_sweep_rerun_skips_finished_windows_and_scores(swept):
+    _, recipe, first = swept
     again = run_sweep_recipe(recipe, quiet=True)
     assert again.bytes_read == 0  # no window recomputed
     assert again.recommendation == first.recommendation
@@ -81,11 +87,12 @@ def test_recommendation_prefers_low_instability_then_score():
     assert rec["window_size"] == 2 and rec["window"] == "w1"  # size 4 has one window: no instability to measure
 
 
-def test_sweep_command_and_missing_blocks(tmp_path, trajectory):
-    ckpts, pairs = trajectory
-    res = runner.invoke(app, ["sweep", str(sweep_recipe(tmp_path, ckpts, pairs)), "--quiet"])
+def test_sweep_command_and_missing_blocks(tmp_path, swept, trajectory):
+    _, recipe, _ = swept
+    res = runner.invoke(app, ["sweep", str(recipe), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "recommended:" in res.output and "average w=2" in res.output
+    ckpts, _ = trajectory
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "sources": [{"path": str(p)} for p in ckpts], "output": {"path": "o"}}))
     res = runner.invoke(app, ["sweep", str(bad)])
