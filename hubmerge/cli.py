@@ -205,18 +205,25 @@ def revisions(
     as_json: Json = False,
 ) -> None:
     """List a repo's checkpoint branches in training order (name, stage, step, tokens, commit)."""
-    from .pull import all_revisions
-    from .revisions import parse_selector, revisions_table_rows
-    from .revisions import select as select_revisions
+    from .revisions import revisions_table_rows
 
-    selector = parse_selector(select) if select else None
-    everything = all_revisions(repo, endpoint=endpoint)
-    revs = select_revisions(everything, selector, repo=repo) if selector else everything
+    revs, _ = _selection(repo, select, endpoint, default=lambda everything: everything)
     if as_json:
         out.print_json(data=revisions_table_rows(revs))
     else:
-        what = "selected" if selector else "branches"
+        what = "selected" if select else "branches"
         _print_revisions(revs, f"{repo}: {len(revs)} {what} in training order")
+
+
+def _selection(repo: str, select: str | None, endpoint: str | None, default: Callable) -> tuple[list, list]:
+    """(the revisions ``--select`` chooses, or ``default(everything)`` without it; every branch)."""
+    from .pull import all_revisions
+    from .revisions import parse_selector
+    from .revisions import select as select_revisions
+
+    everything = all_revisions(repo, endpoint=endpoint)
+    chosen = select_revisions(everything, parse_selector(select), repo=repo) if select else default(everything)
+    return chosen, everything
 
 
 @app.command()
@@ -230,15 +237,8 @@ def check(
     """Check a trajectory's integrity: missing, incomplete, duplicated or mixed weights (no weights downloaded)."""
     from .integrity import check as run_check
     from .integrity import render_report
-    from .pull import all_revisions
-    from .revisions import parse_selector
-    from .revisions import select as select_revisions
 
-    selector = parse_selector(select) if select else None
-    everything = all_revisions(repo, endpoint=endpoint)
-    revs = (
-        select_revisions(everything, selector, repo=repo) if selector else [r for r in everything if r.name != "main"]
-    )
+    revs, everything = _selection(repo, select, endpoint, default=lambda all_: [r for r in all_ if r.name != "main"])
     report = run_check(repo, revs, all_revisions=everything, endpoint=endpoint)
     if as_json:
         out.print_json(data=report.to_dict())

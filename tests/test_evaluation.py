@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,7 +281,8 @@ def test_ray_path_on_a_local_ray_instance(tmp_path, models):
     )
 
 
-def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path, models):
+def merge_with_evaluate_block(tmp_path: Path, models: list[Path]) -> Any:
+    """Merge the models with a recipe whose evaluate: block scores the grammar's minimal pairs."""
     import yaml
 
     from hubmerge.merge import merge_recipe
@@ -297,7 +299,11 @@ def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path,
             }
         )
     )
-    result = merge_recipe(recipe, quiet=True)
+    return merge_recipe(recipe, quiet=True)
+
+
+def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path, models):
+    result = merge_with_evaluate_block(tmp_path, models)
     ev = result.evaluation
     labels = {s.model for s in ev.scores}
     assert {"step100", "step200", "step300", "merged: avg"} <= labels
@@ -310,24 +316,9 @@ def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path,
 
 
 def test_merge_with_evaluate_block_writes_a_card_and_hubmerge_card_rewrites_it(tmp_path, models):
-    import yaml
     from huggingface_hub import ModelCard
 
-    from hubmerge.merge import merge_recipe
-
-    data = pairs_file(tmp_path / "pairs.jsonl")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "avg",
-                "sources": [{"path": str(p)} for p in models],
-                "output": {"path": str(tmp_path / "merged")},
-                "evaluate": {"tasks": "blimp", "data": str(data), "results": str(tmp_path / "res")},
-            }
-        )
-    )
-    result = merge_recipe(recipe, quiet=True)
+    result = merge_with_evaluate_block(tmp_path, models)
     card = ModelCard.load(result.card)
     assert {"merge", "checkpoint-averaging", "hubmerge"} <= set(card.data.tags)
     merged = {s.task: s.acc for s in result.evaluation.scores if s.model == "merged: avg"}
