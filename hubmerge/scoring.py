@@ -21,8 +21,9 @@ that stay in cache, without materialising a log-softmax over the batch. Passes h
 of tokens and logits, so memory does not depend on the number of requests.
 
 The results equal a one-request-at-a-time computation up to float32 rounding, which depends on the
-shapes a pass computes: on SmolLM2-135M, summed log-likelihoods of ~10-token sentences move by up to
-~3e-4 between any two batchings, as they do between PyTorch's two CPU attention kernels on one row.
+shapes each pass computes. On SmolLM2-135M summed log-likelihoods of BLiMP sentences (around -100)
+move by up to ~3e-4 between batchings; a float64 run shows lm-eval's own float32 result off by 3e-3
+at one position of such a sentence, so agreement closer than that is luck, not a property.
 
 torch and transformers are imported inside functions: the CLI imports this module for fast commands.
 """
@@ -30,7 +31,8 @@ torch and transformers are imported inside functions: the CLI imports this modul
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,28 +517,48 @@ def _run(model, api, items, chunk, device, logprob, misses) -> None:  # noqa: AN
             targets.extend(it.targets)
             owners.extend([m] * len(it.targets))
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
-    if any(len(row.members) > 1 for row in chunk):
+    packed = any(len(row.members) > 1 for row in chunk)
+    if packed:
         dtype = next(model.parameters()).dtype
         q = torch.arange(width)
         visible = (q[None, None, :] <= q[None, :, None]) & (q[None, :, None] < end[:, None, :])  # [row, query, key]
-        if getattr(model.config, "_attn_implementation", None) == "sdpa":
-            mask = visible[:, None]
-        else:
-            mask = torch.zeros((n_rows, 1, width, width), dtype=dtype)
-            mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+        mask = torch.zeros((n_rows, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
         kwargs.update(attention_mask=mask.to(device), position_ids=depth.to(device))
     rows_t, slots_t = torch.tensor(rows), torch.tensor(slots)
-    if api.bool_keep:
-        need = torch.zeros((n_rows, width), dtype=torch.bool)
-        need[rows_t, slots_t] = True
-        logits = model(**kwargs, logits_to_keep=need.to(device)).logits  # [scored slots, vocab], row-major
-        index = (need.flatten().cumsum(0) - 1)[rows_t * width + slots_t]
-    else:
-        first = int(slots_t.min())
-        logits = _forward(model, api, width - first, width, **kwargs)
-        index = rows_t * (width - first) + slots_t - first
-        logits = logits.reshape(-1, logits.shape[-1])
+    with _eager_attention(model, packed):
+        if api.bool_keep:
+            need = torch.zeros((n_rows, width), dtype=torch.bool)
+            need[rows_t, slots_t] = True
+            logits = model(**kwargs, logits_to_keep=need.to(device)).logits  # [scored slots, vocab], row-major
+            index = (need.flatten().cumsum(0) - 1)[rows_t * width + slots_t]
+        else:
+            first = int(slots_t.min())
+            logits = _forward(model, api, width - first, width, **kwargs)
+            index = rows_t * (width - first) + slots_t - first
+            logits = logits.reshape(-1, logits.shape[-1])
     _accumulate(logits, index.to(logits.device), targets, owners, logprob, misses)
+
+
+@contextmanager
+def _eager_attention(model: Any, enabled: bool) -> Iterator[None]:
+    """Run packed rows with the model's eager attention instead of SDPA.
+
+    With an arbitrary mask, PyTorch's CPU SDPA kernel rounds differently from its causal path, and
+    models with very large early activations (SmolLM2) then move a log-likelihood by up to 2e-3 from
+    what lm-eval computes on the unpacked request; eager attention stays within ~3e-4 there, at the
+    same speed for rows of ROW_TOKENS. transformers reads the setting at every forward.
+    """
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    if not enabled or previous != "sdpa":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def _forward(model: Any, api: _Api, keep: int, width: int, **kwargs: Any) -> Any:

@@ -283,6 +283,7 @@ def test_shared_context_runs_once(lm):
     ctx = pairs[0][0]
     assert shared[0] == 1 and shared[1] <= len(ctx) + sum(len(cont) - 1 for _, cont in pairs)
     assert plain == (4, max(len(c) + len(t) - 1 for c, t in pairs))  # lm-eval's way: four full rows
+    assert model.config._attn_implementation == "sdpa"  # packed rows ran eager, and it was put back
 
 
 def test_minimal_pairs_share_their_common_words(lm):
