@@ -145,6 +145,11 @@ def encode_requests(tokenizer: Any, requests: Sequence[Any]) -> list[tuple[list[
     pairs = [_as_pair(r) for r in requests]
     out: list[tuple[list[int], list[int]]] = [([], []) for _ in pairs]
     empty = [i for i, (ctx, _) in enumerate(pairs) if ctx == ""]
+    if empty and encode.prefix_id is None:
+        raise TaskDataError(
+            f"request {empty[0]} has an empty context, which conditions on the tokenizer's BOS or EOS token, "
+            "and this tokenizer has neither; give the tokenizer a bos_token"
+        )
     for i, cont in zip(empty, encode([pairs[i][1] for i in empty], add_special_tokens=False), strict=True):
         _check_continuation(cont, i, pairs[i])
         # The prefix token conditions the first token, unless the continuation already starts with it.
@@ -429,10 +434,11 @@ class _Api:
 
     keep_kw: str | None  # logits_to_keep (or num_logits_to_keep before transformers 4.50)
     bool_keep: bool  # logits_to_keep takes a [batch, seq] boolean mask: logits of exactly the scored positions
-    can_pack: bool  # takes a 4D attention mask and position ids, so groups can share a row
+    can_pack: bool  # takes a 4D attention mask and position ids, so requests can share a row
 
 
 def _api(model: Any, device: str) -> _Api:
+    """Inspect the forward signature, and probe once whether ``logits_to_keep`` takes a boolean mask."""
     import torch
 
     params = inspect.signature(model.forward).parameters
