@@ -252,13 +252,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def hubmerge_command(setup: TaskSetup, model: Path, out: Path, batch_size: int | None) -> list[str]:
-    """The process that scores with hubmerge.
+    """The process that scores with hubmerge: ``worker`` above, in a fresh process.
 
-    HOOK (CLI): this runs ``worker`` below, i.e. hubmerge.scoring in-process. Once ``hubmerge eval`` exists,
-    return its command here instead, e.g. ``[".venv/bin/hubmerge", "eval", str(model), "--tasks",
-    setup.hubmerge_task, "--data", str(setup.data), "--limit", str(setup.limit)]`` with a fresh
-    HUBMERGE_RESULTS folder in the environment, and make ``read_hubmerge`` read the per-request
-    log-likelihoods from its results store (``hubmerge.store.ResultsStore``) into the same dict.
+    It loads the model and the task and calls ``score_requests`` exactly as ``hubmerge eval`` does, but
+    without the results store, whose writes lm-eval has no counterpart of, and it times the scoring call
+    alone, as lm-eval's ``loglikelihood`` is timed. The whole-process ratio covers everything else.
     """
     python = REPO / ".venv" / "bin" / "python"
     cmd = [str(python if python.is_file() else sys.executable), str(Path(__file__).resolve())]

@@ -556,7 +556,9 @@ def sweep(
             }
         )
         return
-    render_comparison(report.comparison, out, "sweep")
+    render_comparison(report.comparison, out, "sweep", tasks=report.headline)
+    if report.headline is not None:
+        out.print("[dim]each paradigm's rows are in stability.csv / stability.json[/dim]")
     rec = report.recommendation
     if "window" in rec:
         out.print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,3 +68,17 @@ def count_progress(description: str, total: int | None, *, quiet: bool = False, 
     )
     with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
         yield Reporter(progress, progress.add_task(description, total=total, status=""))
+
+
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """transformers draws its own "Loading weights" / "Writing model shards" bars; ours are the bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -172,7 +172,7 @@ def download(
     plan: PullPlan, *, endpoint: str | None = None, token: str | None = None, workers: int = 8, quiet: bool = False
 ) -> list[SourceRef]:
     """Download (or find in the cache) every needed file; return each revision's snapshot folder."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     client = api(endpoint, token)
     todo = plan.downloads()
@@ -182,12 +182,15 @@ def download(
     except (OSError, ValueError):
         known = {}
     folders: dict[str, Path] = {}
-    with byte_progress(f"pulling {len(plan.revisions)} revisions of {plan.repo}", plan.total_bytes, quiet=quiet) as bar:
+    what = f"pulling {len(plan.revisions)} revision{'s' * (len(plan.revisions) != 1)} of {plan.repo}"
+    with byte_progress(what, plan.total_bytes, quiet=quiet) as bar:
         bar_class = _bridge(bar)
 
         def fetch(item: tuple[RevisionFiles, str]) -> None:
             rf, name = item
             remote = rf.files[name]
+            # A cached file streams nothing through the bar: count it when found, so the bar completes.
+            cached = isinstance(try_to_load_from_cache(plan.repo, name, revision=rf.commit or rf.revision), str)
             for attempt in range(2):
                 with hub_errors(plan.repo, rf.revision, "download"):
                     local = Path(
@@ -202,6 +205,8 @@ def download(
                             force_download=attempt > 0,
                         )
                     )
+                if cached and attempt == 0:
+                    bar.advance(remote.size)
                 if remote.sha256 is None or _verify(local, remote.sha256, known):
                     break
                 local.resolve().unlink(missing_ok=True)  # never keep or reuse a corrupt blob

@@ -100,14 +100,35 @@ class EvaluateConfig(_Strict):
 
     tasks: list[str] | str
     data: str | dict[str, str] | None = None  # one file/folder for all tasks, or task -> file
-    limit: int | None = Field(default=None, ge=1)
+    # First N examples of every task, or task -> N (a group's N applies to each of its paradigms).
+    limit: int | dict[str, int] | None = None
     batch_size: int | None = Field(default=None, ge=1)
     results: str | None = None  # results folder; default ./hubmerge-results or HUBMERGE_RESULTS
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        for n in [v] if isinstance(v, int) else (v or {}).values():
+            if n < 1:
+                raise ValueError(f"a limit is a positive number of examples (got {n})")
+        return v
 
     @property
     def task_list(self) -> list[str]:
         names = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
         return [n.strip() for n in names if n.strip()]
+
+    def limit_for(self, name: str) -> int | None:
+        """The limit of task ``name`` as listed in ``tasks`` (a group name covers its paradigms)."""
+        return self.limit.get(name) if isinstance(self.limit, dict) else self.limit
+
+    @model_validator(mode="after")
+    def _limits_name_tasks(self) -> EvaluateConfig:
+        if isinstance(self.limit, dict):
+            unknown = sorted(set(self.limit) - set(self.task_list))
+            if unknown:
+                raise ValueError(f"limit names {', '.join(unknown)}, not in 'tasks'; use the names listed there")
+        return self
 
 
 class SweepConfig(_Strict):
@@ -117,6 +138,9 @@ class SweepConfig(_Strict):
     stride: int = Field(default=1, ge=1)
     keep: bool = False  # keep every window's merged folder (by default each is deleted once scored)
     max_windows_on_disk: int | None = Field(default=None, ge=1)
+    # Compare every series over the same window ends (those the largest window reaches), so raw
+    # checkpoints are not charged for the early steps that the long windows never cover.
+    align: bool = True
 
     @field_validator("sizes")
     @classmethod

@@ -154,13 +154,25 @@ def _fmt_step(step: float | None) -> str:
     return f"{step // 1000}k" if step >= 10000 and step % 1000 == 0 else str(step)
 
 
-def write_outputs(comparison: Any, out: Path, *, model: str | None, source: str, stem: str = "stability") -> list[Path]:
-    """The table as CSV and JSON, the score plot and (with per-example data) the flip-rate plot, PNG and SVG."""
+def write_outputs(
+    comparison: Any,
+    out: Path,
+    *,
+    model: str | None,
+    source: str,
+    stem: str = "stability",
+    plot_tasks: Sequence[str] | None = None,
+) -> list[Path]:
+    """The table as CSV and JSON, the score plot and (with per-example data) the flip-rate plot, PNG and SVG.
+
+    The table has every task; the plots only ``plot_tasks`` when given (a group's pooled row instead of its
+    forty paradigm panels).
+    """
     from .plots import plot_by_window, plot_scores
 
     out.mkdir(parents=True, exist_ok=True)
     files = [comparison.to_csv(out / f"{stem}.csv"), comparison.to_json(out / f"{stem}.json")]
-    tasks = list(comparison.raw.tasks)
+    tasks = list(plot_tasks) if plot_tasks else list(comparison.raw.tasks)
     chance = {t: CHANCE[t] for t in tasks if t in CHANCE}
     files += plot_scores(comparison, out / f"{stem}-scores", tasks=tasks, model=model, source=source, chance=chance)
     has_examples = any(ts.flip_rate is not None for ts in comparison.raw.tasks.values())
@@ -193,11 +205,12 @@ def _drop_where(ts: Any) -> str:
     return f"{ts.worst_drop_from}→{ts.worst_drop_to}" if ts.worst_drop_from and ts.worst_drop else "-"
 
 
-def render_comparison(comparison: Any, console: Any, title: str) -> None:
+def render_comparison(comparison: Any, console: Any, title: str, tasks: Sequence[str] | None = None) -> None:
     """Raw only: one row per task. With averages/ensembles: per task, one row per series, side by side.
 
     Columns with no value anywhere (per-example metrics of aggregate-only input) are left out; the
-    side-by-side tables keep the headline metrics (the CSV and JSON have them all).
+    side-by-side tables keep the headline metrics (the CSV and JSON have them all). ``tasks`` limits the
+    tables to those tasks (a group's pooled row instead of forty paradigms).
     """
     from rich.table import Table
 
@@ -205,6 +218,7 @@ def render_comparison(comparison: Any, console: Any, title: str) -> None:
         (task, "raw" if m == "raw" else f"{m} w={w}", ts)
         for m, w, report in comparison.series()
         for task, ts in report.tasks.items()
+        if tasks is None or task in tasks
     ]
     raw_only = len(comparison.series()) == 1
     columns = _METRIC_COLUMNS if raw_only else [c for c in _METRIC_COLUMNS if c[1] not in ("std", "range")]
@@ -213,7 +227,8 @@ def render_comparison(comparison: Any, console: Any, title: str) -> None:
     if raw_only:
         groups = [(title, rows)]
     else:
-        groups = [(f"{title}: {t}", [r for r in rows if r[0] == t]) for t in comparison.raw.tasks]
+        shown_tasks = [t for t in comparison.raw.tasks if tasks is None or t in tasks]
+        groups = [(f"{title}: {t}", [r for r in rows if r[0] == t]) for t in shown_tasks]
     for heading, group in groups:
         table = Table(title=heading, title_justify="left")
         table.add_column("task" if raw_only else "series", no_wrap=True)

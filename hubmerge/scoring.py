@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SourceError, TaskDataError
+from .progress import no_transformers_bars
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither the config nor the tokenizer gives a window
 TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
@@ -81,9 +82,10 @@ def load_model(path_or_dir: str | Path, *, device: str = "cpu", dtype: str = "fl
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **{dtype_kw: torch_dtype}
-        )
+        with no_transformers_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, **{dtype_kw: torch_dtype}
+            )
     except (OSError, ValueError) as err:
         raise SourceError(f"{path}: cannot load the model or its tokenizer: {err}") from err
     model.to(device).eval().requires_grad_(False)
@@ -136,7 +138,9 @@ class _Encoder:
         if not texts:
             return []
         kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        return [list(ids) for ids in self.tokenizer(texts, **kwargs)["input_ids"]]
+        # verbose=False: no "longer than the maximum sequence length" warning; the scorer truncates
+        # the context on the left itself, as lm-eval does.
+        return [list(ids) for ids in self.tokenizer(texts, verbose=False, **kwargs)["input_ids"]]
 
 
 def encode_requests(tokenizer: Any, requests: Sequence[Any]) -> list[tuple[list[int], list[int]]]:

@@ -56,7 +56,7 @@ def load_recipe_tasks(cfg: Any) -> list[Any]:
     tasks = []
     for name in cfg.task_list:
         data = cfg.data.get(name) if isinstance(cfg.data, dict) else cfg.data
-        tasks += [load_task(n, data=data, limit=cfg.limit) for n in expand_tasks(name, data=data)]
+        tasks += [load_task(n, data=data, limit=cfg.limit_for(name)) for n in expand_tasks(name, data=data)]
     return tasks
 
 
@@ -67,6 +67,7 @@ class SweepReport:
     files: list[Path] = field(default_factory=list)
     windows: int = 0
     bytes_read: int = 0
+    headline: list[str] | None = None  # the tasks to show: a group's pooled row instead of its paradigms
 
 
 def _window_key(prov: dict[str, Any]) -> str:
@@ -75,7 +76,53 @@ def _window_key(prov: dict[str, Any]) -> str:
     return model_key([h for f, h in prov["files"].items() if f.endswith(".safetensors")])
 
 
-def _series(store: Any, keys: list[str], labels: list[str], steps: list[Any], tasks: list[Any]) -> Any:
+def task_groups(cfg: Any, tasks: list[Any]) -> dict[str, list[str]]:
+    """Group name -> its paradigms' task names, for each group (``blimp``) a recipe's ``evaluate:`` lists."""
+    from .tasks import get_task_spec
+
+    loaded = {t.spec.name for t in tasks}
+    groups = {}
+    for name in cfg.task_list:
+        spec = get_task_spec(name) if not name.endswith((".yaml", ".yml")) else None
+        if spec is not None and spec.is_group:
+            groups[name] = [t for t in loaded if t.startswith(f"{name}_")]
+    return {g: sorted(m) for g, m in groups.items() if len(m) >= 2}
+
+
+def _wanted(task: Any, stored: np.ndarray) -> np.ndarray:
+    """The stored examples the task asks for: a limited task is reported on its first N, not on all stored."""
+    examples = getattr(task, "examples", None)
+    if examples is None:  # a task rebuilt from the store: everything stored counts
+        return stored
+    return np.intersect1d(stored, np.fromiter((e.doc_id for e in examples), dtype=stored.dtype))
+
+
+def _add_groups(points: list[Any], examples: dict[str, Any], metrics: dict[str, str], groups: dict | None) -> None:
+    """A group's row pools its paradigms' examples, as lm-eval's size-weighted group score does."""
+    from .stability import ExampleArrays
+
+    for group, members in (groups or {}).items():
+        have = [m for m in members if m in examples]
+        if len(have) < 2:
+            continue
+
+        def cat(attr: str, have: list[str] = have) -> np.ndarray:
+            return np.concatenate([getattr(examples[m], attr) for m in have], axis=1)
+
+        pooled = ExampleArrays(correct=cat("correct"), pred=cat("pred"), gold_prob=cat("gold_prob"))
+        for i, p in enumerate(points):
+            p[2][group] = float(pooled.correct[i].mean())
+        examples[group], metrics[group] = pooled, "acc"
+
+
+def _series(
+    store: Any,
+    keys: list[str],
+    labels: list[str],
+    steps: list[Any],
+    tasks: list[Any],
+    groups: dict[str, list[str]] | None = None,
+) -> Any:
     """A StabilityReport over models already in the store, with per-example arrays from their scores."""
     from .ensemble import predictions, softmax_choices
     from .stability import ExampleArrays, StabilityReport
@@ -89,7 +136,7 @@ def _series(store: Any, keys: list[str], labels: list[str], steps: list[Any], ta
             continue
         tk = task_key(task.spec.name, task.data_hash)
         mats = [store.choice_matrix(k, tk) for k in keys]
-        common = mats[0].doc_ids
+        common = _wanted(task, mats[0].doc_ids)
         for m in mats[1:]:
             common = np.intersect1d(common, m.doc_ids)
         rows = [np.searchsorted(m.doc_ids, common) for m in mats]
@@ -101,10 +148,17 @@ def _series(store: Any, keys: list[str], labels: list[str], steps: list[Any], ta
             p[2][task.spec.name] = float(correct[i].mean())
         examples[task.spec.name] = ExampleArrays(correct=correct, pred=preds, gold_prob=probs)
         metrics[task.spec.name] = "acc"
+    _add_groups(points, examples, metrics, groups)
     return StabilityReport.build(points, examples, metrics=metrics)
 
 
-def _ensemble_series(store: Any, raw: list[EvalTarget], windows: list[tuple[int, int]], tasks: list[Any]) -> Any:
+def _ensemble_series(
+    store: Any,
+    raw: list[EvalTarget],
+    windows: list[tuple[int, int]],
+    tasks: list[Any],
+    groups: dict[str, list[str]] | None = None,
+) -> Any:
     """Probability-averaging ensembles of the same windows, as a series with per-example arrays."""
     from .ensemble import softmax_choices
     from .stability import ExampleArrays, StabilityReport
@@ -117,7 +171,7 @@ def _ensemble_series(store: Any, raw: list[EvalTarget], windows: list[tuple[int,
             continue
         tk = task_key(task.spec.name, task.data_hash)
         runs = [store.ensemble([t.key for t in raw[s : s + w]], tk) for s, w in windows]
-        common = runs[0]["doc_ids"]
+        common = _wanted(task, runs[0]["doc_ids"])
         for r in runs[1:]:
             common = np.intersect1d(common, r["doc_ids"])
         rows = [np.searchsorted(r["doc_ids"], common) for r in runs]
@@ -133,10 +187,11 @@ def _ensemble_series(store: Any, raw: list[EvalTarget], windows: list[tuple[int,
             p[2][task.spec.name] = float(correct[j].mean())
         examples[task.spec.name] = ExampleArrays(correct=correct, pred=preds, gold_prob=np.stack(probs))
         metrics[task.spec.name] = "acc"
+    _add_groups(points, examples, metrics, groups)
     return StabilityReport.build(points, examples, metrics=metrics)
 
 
-def recommend(comparison: Any) -> dict[str, Any]:
+def recommend(comparison: Any, tasks: list[str] | None = None) -> dict[str, Any]:
     """The window to publish: among window sizes whose averaged series is (nearly) the least unstable, the
     window position with the best mean score.
 
@@ -146,7 +201,11 @@ def recommend(comparison: Any) -> dict[str, Any]:
     """
     candidates = []
     for w, report in sorted(comparison.averaged.items()):
-        values = [ts.flip_rate if ts.flip_rate is not None else ts.mtv for ts in report.tasks.values()]
+        values = [
+            ts.flip_rate if ts.flip_rate is not None else ts.mtv
+            for name, ts in report.tasks.items()
+            if tasks is None or name in tasks
+        ]
         values = [v for v in values if v is not None and not math.isnan(v)]
         if values and report.labels:
             candidates.append((float(np.mean(values)), w, report))
@@ -157,7 +216,7 @@ def recommend(comparison: Any) -> dict[str, Any]:
     best = None
     for instability, w, report in stable:
         for i, label in enumerate(report.labels):
-            score = float(np.mean([report.scores[t][i] for t in report.scores]))
+            score = float(np.mean([report.scores[t][i] for t in report.scores if tasks is None or t in tasks]))
             key = (score, report.steps[i] or 0)
             if best is None or key > best[0]:
                 best = (key, w, label, instability)
@@ -205,6 +264,7 @@ def run_sweep_recipe(
             f"{where}: field 'sweep.sizes': window {max(sizes)} is longer than the {len(sources)} sources"
         )
     tasks = load_recipe_tasks(recipe.evaluate)
+    groups = task_groups(recipe.evaluate, tasks)
     store = ResultsStore(recipe.evaluate.results)
     raw = source_targets(sources)
     bs = recipe.evaluate.batch_size
@@ -241,22 +301,34 @@ def run_sweep_recipe(
     from .stability import compare
     from .sweep_merge import window_positions
 
+    # With ``align``, every series covers the same window ends: from the first end the largest window reaches.
+    first_end = max(sizes) - 1 if recipe.sweep.align else 0
     with store:  # one connection for the hundreds of reads below
-        raw_report = _series(store, [t.key for t in raw], [t.label for t in raw], [t.step for t in raw], tasks)
+        shown = raw[first_end:]
+        keys, labels, steps = [t.key for t in shown], [t.label for t in shown], [t.step for t in shown]
+        raw_report = _series(store, keys, labels, steps, tasks, groups)
         averaged, ensembled = {}, {}
         for w in averaged_sizes:
-            positions = [(s, w) for s, size in window_positions(len(raw), [w], recipe.sweep.stride) if size == w]
-            names = [n for n in splan.windows if n.size == w]
+            positions = [
+                (s, w)
+                for s, size in window_positions(len(raw), [w], recipe.sweep.stride)
+                if size == w and s + w - 1 >= first_end
+            ]
+            names = [n for n in splan.windows if n.size == w and n.end >= first_end]
             keys = [window_keys[n.name] for n in names]
             labels = [f"{raw[n.start].label}..{raw[n.end].label}" for n in names]
-            averaged[w] = _series(store, keys, labels, [raw[n.end].step for n in names], tasks)
-            ensembled[w] = _ensemble_series(store, raw, positions, tasks)
+            averaged[w] = _series(store, keys, labels, [raw[n.end].step for n in names], tasks, groups)
+            ensembled[w] = _ensemble_series(store, raw, positions, tasks, groups)
     comparison = compare(raw_report, averaged, ensembled)
-    report = SweepReport(comparison, recommend(comparison))
+    grouped = {m for members in groups.values() for m in members}
+    plotted = [t for t in comparison.raw.tasks if t not in grouped] if groups else None
+    report = SweepReport(comparison, recommend(comparison, plotted), headline=plotted)
     report.windows = len(window_keys)
     report.bytes_read = result.bytes_read if result else 0
     out_dir = Path(out) if out else root / "report"
-    report.files = write_outputs(comparison, out_dir, model=recipe.name, source=f"hubmerge sweep {recipe_path}")
+    report.files = write_outputs(
+        comparison, out_dir, model=recipe.name, source=f"hubmerge sweep {recipe_path}", plot_tasks=plotted
+    )
     (out_dir / "recommendation.json").write_text(json.dumps(report.recommendation, indent=2) + "\n")
     report.files.append(out_dir / "recommendation.json")
     return report

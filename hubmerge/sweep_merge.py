@@ -44,8 +44,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -692,10 +692,29 @@ def _run_pass(plan: SweepPlan, batch: list[Window], accs: list[Any], bar: Any) -
         return outputs, reader.bytes_read
 
 
-def _hand_over(out: WindowOutput, on_window: Callable[[WindowOutput], Any] | None, keep: bool) -> None:
-    """Give a finished window to the caller; without ``keep``, then delete it, leaving its provenance beside."""
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _hand_over(
+    out: WindowOutput, on_window: Callable[[WindowOutput], Any] | None, keep: bool, threads: int | None = None
+) -> None:
+    """Give a finished window to the caller; without ``keep``, then delete it, leaving its provenance beside.
+
+    ``threads``: the caller's torch thread count, restored for ``on_window`` (which typically scores the
+    window) while the merge itself runs on one thread.
+    """
     if on_window is not None:
-        on_window(out)
+        with _torch_threads(threads) if threads is not None else nullcontext():
+            on_window(out)
     if not keep:
         prov = (out.path / PROVENANCE_FILE).read_text()
         out.path.with_name(out.path.name + DELETED_SUFFIX).write_text(prov)
@@ -748,9 +767,8 @@ def run_sweep(
         result.seconds = time.perf_counter() - began
         return result
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    caller_threads = torch.get_num_threads()
+    with _torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(plan.max_open)]
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
         with byte_progress(description, plan.bytes_read, quiet=quiet) as bar:
@@ -763,9 +781,7 @@ def run_sweep(
                 for out in outputs:
                     result.bytes_written += out.plan.bytes_written
                     result.outputs.append(out)
-                    _hand_over(out, on_window, keep)
-    finally:
-        torch.set_num_threads(previous_threads)
+                    _hand_over(out, on_window, keep, threads=caller_threads)
     result.seconds = time.perf_counter() - began
     return result
 

@@ -20,17 +20,16 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from hubmerge.errors import OutputError, RecipeError, SourceError
 from hubmerge.grammar import Grammar
+from hubmerge.progress import no_transformers_bars
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 in both tokenizer kinds
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS
@@ -186,18 +185,6 @@ def _save_checkpoint(model, tokenizer: PreTrainedTokenizerFast, path: Path) -> N
         raise OutputError(f"cannot write checkpoint {path}: {err}; free space or choose another folder") from err
 
 
-@contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers draws a "Writing model shards" bar per save; the caller's ``progress`` is the bar."""
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -259,7 +246,7 @@ def train_trajectory(
     _prepare_out_dir(out_dir, force)
     warmup = max(1, steps // 10) if warmup is None else max(1, warmup)
 
-    with torch.random.fork_rng(devices=[]), _no_hf_progress_bars():
+    with torch.random.fork_rng(devices=[]), no_transformers_bars():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
             build_config(arch, len(tokenizer), d_model, n_layers, n_heads, seq_len)

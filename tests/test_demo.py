@@ -29,6 +29,12 @@ def test_demo_runs_end_to_end_through_the_local_hub(tmp_path):
         branches = {b.name for b in api.list_repo_refs("demo/tiny-grammar").branches}
         assert {"step10", "step20", "step30", "main"} <= branches
         assert api.file_exists("demo/tiny-grammar-last2", "hubmerge.json")
+        assert api.file_exists("demo/tiny-grammar-last2", "README.md")  # the card went up with the merge
+    # Raw checkpoints vs merge vs ensemble were scored, the card and its plot written, and all of it named.
+    card = (merged / "README.md").read_text()
+    assert "step20" in card and "step30" in card and "ensemble" in card.lower()
+    assert (merged / "stability.png").is_file()
+    assert "ensemble of the 2" in res.output and "model card" in res.output and "plot" in res.output
     assert "merged model" in res.output and "done in" in res.output
     # The demo keeps its HF cache inside its folder.
     assert (out / "hf-cache" / "models--demo--tiny-grammar").is_dir()

@@ -54,6 +54,12 @@ def two(tmp_path):
         ({"output": {"path": "x", "max_shard_size": "5 parsecs"}}, "field 'output.max_shard_size'"),
         ({"sources": []}, "field 'sources'"),
         ({"sources": "ckpts"}, "field 'sources'"),
+        (
+            {"evaluate": {"tasks": "blimp", "limit": 0}},
+            "field 'evaluate.limit': a limit is a positive number of examples (got 0)",
+        ),
+        ({"evaluate": {"tasks": "blimp", "limit": {"arc_easy": 5}}}, "limit names arc_easy, not in 'tasks'"),
+        ({"evaluate": {"tasks": "blimp", "limit": {"blimp": -1}}}, "a limit is a positive number of examples (got -1)"),
     ],
 )
 def test_bad_recipe_fields(tmp_path, two, change, expected):

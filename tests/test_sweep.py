@@ -52,10 +52,11 @@ def swept(tmp_path_factory, trajectory):
 def test_sweep_scores_every_series_and_recommends(swept):
     root, _, report = swept
     comp = report.comparison
-    assert len(comp.raw.labels) == 6
-    assert [len(comp.averaged[w].labels) for w in (2, 3)] == [5, 4]
-    assert [len(comp.ensembled[w].labels) for w in (2, 3)] == [5, 4]
-    assert report.windows == 9
+    # Aligned: every series covers the window ends the largest window (3) reaches, steps 12..24.
+    assert comp.raw.steps == comp.averaged[2].steps == comp.averaged[3].steps == (12, 16, 20, 24)
+    assert comp.ensembled[2].steps == comp.ensembled[3].steps == (12, 16, 20, 24)
+    assert comp.averaged[3].labels[0] == "step4..step12" and comp.ensembled[2].labels[0] == "step8..step12"
+    assert report.windows == 9  # every window was still built and scored
     for ts in comp.raw.tasks.values():  # per-example metrics are present, since the store holds every example
         assert ts.flip_rate is not None and ts.instability_score is not None and ts.gold_prob_mtv is not None
     # Every averaged window was scored and then deleted (not kept), leaving only its provenance.
@@ -66,6 +67,38 @@ def test_sweep_scores_every_series_and_recommends(swept):
     assert rec["window_size"] in (2, 3) and "flip rate" in rec["how"]
     assert (out / "report" / "stability.csv").is_file() and (out / "report" / "stability-flip-rate.png").is_file()
     assert json.loads((out / "report" / "recommendation.json").read_text()) == rec
+
+
+def test_sweep_pools_a_group_and_plots_it_instead_of_its_paradigms(swept):
+    _, _, report = swept
+    comp = report.comparison
+    paradigms = [t for t in comp.raw.tasks if t.startswith("blimp_")]
+    assert len(paradigms) == 7 and "blimp" in comp.raw.tasks
+    for series in (comp.raw, comp.averaged[3], comp.ensembled[2]):
+        pooled = series.tasks["blimp"]
+        parts = [series.tasks[t] for t in paradigms]
+        n = sum(ts.n_examples for ts in parts)
+        assert pooled.n_examples == n
+        # Pooled = size-weighted mean of the paradigms, for the score and for the per-example metrics.
+        for attr in ("mean", "flip_rate", "instability_score", "gold_prob_mtv"):
+            expected = sum(getattr(ts, attr) * ts.n_examples for ts in parts) / n
+            assert getattr(pooled, attr) == pytest.approx(expected, abs=1e-12)
+        for i in range(len(series.labels)):
+            expected = sum(series.scores[t][i] * series.tasks[t].n_examples for t in paradigms) / n
+            assert series.scores["blimp"][i] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sweep_unaligned_keeps_every_window_end(tmp_path, swept, trajectory):
+    root, _, _ = swept
+    ckpts, pairs = trajectory
+    recipe = sweep_recipe(tmp_path, ckpts, pairs, align=False)
+    data = yaml.safe_load(recipe.read_text())
+    data["evaluate"]["results"] = str(root / "res")  # the scores are stored already: nothing is rescored
+    data["evaluate"]["limit"] = {"blimp": 4}
+    recipe.write_text(yaml.safe_dump(data))
+    comp = run_sweep_recipe(recipe, quiet=True).comparison
+    assert [len(comp.raw.labels), len(comp.averaged[2].labels), len(comp.averaged[3].labels)] == [6, 5, 4]
+    assert comp.raw.tasks["blimp"].n_examples == 4 * 7  # the limit applies to each paradigm of the group
 
 
 def test_sweep_rerun_skips_finished_windows_and_scores(swept):
@@ -92,6 +125,7 @@ def test_sweep_command_and_missing_blocks(tmp_path, swept, trajectory):
     res = runner.invoke(app, ["sweep", str(recipe), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "recommended:" in res.output and "average w=2" in res.output
+    assert "sweep: blimp" in res.output and "sweep: blimp_" not in res.output  # the pooled row, not 7 paradigms
     ckpts, _ = trajectory
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "sources": [{"path": str(p)} for p in ckpts], "output": {"path": "o"}}))

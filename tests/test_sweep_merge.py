@@ -209,6 +209,19 @@ def test_keep_false_bounds_the_outputs_on_disk_and_remembers_what_was_done(traje
     assert len(run_sweep(again, quiet=True).skipped) == 12
 
 
+def test_windows_are_merged_on_one_thread_and_handed_over_on_the_callers(trajectory, tmp_path):
+    """Scoring a window in ``on_window`` must not inherit the merge's single torch thread."""
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan = plan_sweep(trajectory, [2], tmp_path / "sweep")
+        run_sweep(plan, on_window=lambda out: seen.append(torch.get_num_threads()), keep=False, quiet=True, threads=1)
+        assert seen == [2] * len(plan.windows) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_killed_sweep_leaves_only_finished_windows_and_the_rerun_cleans_up(trajectory, tmp_path):
     """SIGKILL mid-pass (no chance to clean up): the rerun removes the partial folder and finishes the sweep."""
     root = tmp_path / "sweep"
