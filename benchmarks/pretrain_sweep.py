@@ -137,24 +137,6 @@ def train(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], bool]:
     return ckpts, json.loads(record_path.read_text()), False
 
 
-def push(api: Any, repo: str, ckpts: list[Path], quiet: bool) -> None:
-    """Each checkpoint as branch ``stepN``, the last also as ``main``; branches already there are kept."""
-    from hubmerge.progress import count_progress
-
-    api.create_repo(repo, exist_ok=True)
-    have = {b.name for b in api.list_repo_refs(repo).branches}
-    todo = [c for c in ckpts if c.name not in have]
-    with count_progress("pushing branches", len(todo), quiet=quiet) as bar:
-        for ckpt in todo:
-            api.create_branch(repo, branch=ckpt.name, exist_ok=True)
-            api.upload_folder(
-                repo_id=repo, folder_path=ckpt, revision=ckpt.name, commit_message=f"checkpoint {ckpt.name}"
-            )
-            bar.advance(1)
-    if todo:
-        api.upload_folder(repo_id=repo, folder_path=ckpts[-1], commit_message="final checkpoint")
-
-
 def write_recipe(args: argparse.Namespace, revisions: list[str]) -> Path:
     """The sweep as a recipe a user can rerun with ``hubmerge sweep RECIPE --endpoint URL``."""
     import yaml
@@ -361,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub import HfApi
 
     from hubmerge.hub_server import HubServer
+    from hubmerge.push import push_checkpoints
     from hubmerge.sweep import run_sweep_recipe
 
     # Stage times of every run that worked on this folder: a run interrupted and resumed (the store and
@@ -387,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         log(f"stage 2/3: pushing {len(ckpts)} branches to {server.url}/{args.repo}")
-        push(HfApi(endpoint=server.url, token=TOKEN), args.repo, ckpts, args.quiet)
+        client = HfApi(endpoint=server.url, token=TOKEN)
+        push_checkpoints(client, args.repo, ckpts, skip_existing=True, quiet=args.quiet)
         record_stage("push", t0)
         recipe = write_recipe(args, [c.name for c in ckpts])
         log(f"stage 3/3: hubmerge sweep {recipe} --endpoint {server.url}")

@@ -120,23 +120,10 @@ def stage_train(ctx: DemoContext) -> None:
 def stage_push_trajectory(ctx: DemoContext) -> None:
     from huggingface_hub import HfApi
 
-    from .progress import count_progress
+    from .push import push_checkpoints
 
-    api = HfApi(endpoint=ctx.endpoint, token=DEMO_TOKEN)
-    api.create_repo(TRAJECTORY_REPO, exist_ok=True)
-    with count_progress("pushing branches", len(ctx.checkpoints), quiet=ctx.config.quiet, console=ctx.console) as bar:
-        for ckpt in ctx.checkpoints:
-            api.create_branch(TRAJECTORY_REPO, branch=ckpt.name, exist_ok=True)
-            api.upload_folder(
-                repo_id=TRAJECTORY_REPO,
-                folder_path=ckpt,
-                revision=ckpt.name,
-                commit_message=f"checkpoint {ckpt.name}",
-                delete_patterns="*",
-            )
-            bar.advance(1)
-    # As on Pythia, main holds the final checkpoint.
-    api.upload_folder(repo_id=TRAJECTORY_REPO, folder_path=ctx.checkpoints[-1], commit_message="final checkpoint")
+    client = HfApi(endpoint=ctx.endpoint, token=DEMO_TOKEN)
+    push_checkpoints(client, TRAJECTORY_REPO, ctx.checkpoints, quiet=ctx.config.quiet, console=ctx.console)
     ctx.summary.append(("trajectory repo", f"{ctx.endpoint}/{TRAJECTORY_REPO} ({len(ctx.checkpoints)} step branches)"))
 
 
@@ -262,21 +249,19 @@ def run_demo(config: DemoConfig | None = None, stages: list[Stage] | None = None
     ctx = DemoContext(config, console)
     stages = stages or STAGES
     began = time.perf_counter()
-    import torch
+    from .merge import torch_threads
 
     # The demo's models are tiny: per-op overhead dominates and a second thread only adds OpenMP spin-waits,
     # which on a busy 2-core machine made training 20x slower. One thread is fastest here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        for i, (title, fn) in enumerate(stages, 1):
-            console.rule(f"[bold][{i}/{len(stages)}] {title}")
-            t0 = time.perf_counter()
-            fn(ctx)
-            ctx.timings.append((title, time.perf_counter() - t0))
-            console.print(f"[dim]({ctx.timings[-1][1]:.1f} s)[/dim]")
+        with torch_threads(1):
+            for i, (title, fn) in enumerate(stages, 1):
+                console.rule(f"[bold][{i}/{len(stages)}] {title}")
+                t0 = time.perf_counter()
+                fn(ctx)
+                ctx.timings.append((title, time.perf_counter() - t0))
+                console.print(f"[dim]({ctx.timings[-1][1]:.1f} s)[/dim]")
     finally:
-        torch.set_num_threads(threads)
         if ctx.hub is not None:
             ctx.hub.stop()
     table = Table(title=f"hubmerge demo: done in {time.perf_counter() - began:.0f} s", title_justify="left")

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,9 +312,7 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
     in_item = max(ITEMSIZE[t.dtype] for ck in plan.checkpoints for t in ck.tensors.values())
     out_item = max(ITEMSIZE[t.out_dtype] for t in plan.tensors)
     chunk = plan.chunk_elems
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         buffers = [torch.empty(chunk * in_item, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
         jobs = read_jobs(plan.tensors, plan.checkpoints, range(len(plan.checkpoints)), chunk)
         reader = _Reader(plan.checkpoints, jobs, buffers)
@@ -337,9 +336,20 @@ def execute(plan: MergePlan, *, force: bool = False, quiet: bool = False, thread
                 raise writer.error
             files = finish_output(plan, folder, {p.name: h for p, h in writer.hashes.items()})
             out_dir.commit()
-    finally:
-        torch.set_num_threads(previous_threads)
     return MergeResult(plan.output, files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block on ``n`` torch threads and give the caller back its own count, also on error."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def plan_recipe(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import HubmergeError
 from .hub import api, hub_errors
@@ -63,3 +64,38 @@ def push(
             ignore_patterns=[f"*{TEMP_SUFFIX}*", ".*"],
         )
     return PushResult(repo, branch, info.commit_url, info.pr_url, info.oid)
+
+
+def push_checkpoints(
+    client: Any,
+    repo: str,
+    checkpoints: list[Path],
+    *,
+    skip_existing: bool = False,
+    quiet: bool = False,
+    console: Any = None,
+) -> int:
+    """Publish a trajectory as Pythia does: each checkpoint folder as branch ``<folder name>``, the last also on main.
+
+    Each branch gets exactly its folder (``delete_patterns="*"``). With ``skip_existing``, branches already on
+    the Hub are kept as they are, so an interrupted push resumes. Returns how many branches were pushed.
+    """
+    from .progress import count_progress
+
+    client.create_repo(repo, exist_ok=True)
+    have = {b.name for b in client.list_repo_refs(repo).branches} if skip_existing else set()
+    todo = [c for c in checkpoints if c.name not in have]
+    with count_progress("pushing branches", len(todo), quiet=quiet, console=console) as bar:
+        for ckpt in todo:
+            client.create_branch(repo, branch=ckpt.name, exist_ok=True)
+            client.upload_folder(
+                repo_id=repo,
+                folder_path=ckpt,
+                revision=ckpt.name,
+                commit_message=f"checkpoint {ckpt.name}",
+                delete_patterns="*",
+            )
+            bar.advance(1)
+    if todo:
+        client.upload_folder(repo_id=repo, folder_path=checkpoints[-1], commit_message="final checkpoint")
+    return len(todo)

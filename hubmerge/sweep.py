@@ -178,8 +178,10 @@ def _ensemble_series(
         gold = runs[0]["gold"][rows[0]]
         preds = np.stack([r["pred_probability"][i] for r, i in zip(runs, rows, strict=True)])
         probs = []
+        # Each checkpoint belongs to up to w windows: read its scores once per task, not once per window.
+        matrices = {t.key: store.choice_matrix(t.key, tk) for s, w in windows for t in raw[s : s + w]}
         for (s, w), r, i in zip(windows, runs, rows, strict=True):
-            mats = [store.choice_matrix(t.key, tk) for t in raw[s : s + w]]
+            mats = [matrices[t.key] for t in raw[s : s + w]]
             member = [softmax_choices(m.ll[np.searchsorted(m.doc_ids, r["doc_ids"][i])]) for m in mats]
             probs.append(np.mean(member, axis=0)[np.arange(len(i)), gold])
         correct = (preds == gold).astype(float)

@@ -44,15 +44,24 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import ITEMSIZE, Checkpoint, open_checkpoint, torch_dtype
 from .errors import OutputError, RecipeError, SourceError
-from .merge import _STOP, PROVENANCE_FILE, _Reader, _Writer, accumulate_blocks, finish_output, read_jobs
+from .merge import (
+    _STOP,
+    PROVENANCE_FILE,
+    _Reader,
+    _Writer,
+    accumulate_blocks,
+    finish_output,
+    read_jobs,
+    torch_threads,
+)
 from .plan import (
     PROCESS_BASELINE_BYTES,
     READ_BUFFERS,
@@ -692,18 +701,6 @@ def _run_pass(plan: SweepPlan, batch: list[Window], accs: list[Any], bar: Any) -
         return outputs, reader.bytes_read
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _hand_over(
     out: WindowOutput, on_window: Callable[[WindowOutput], Any] | None, keep: bool, threads: int | None = None
 ) -> None:
@@ -713,7 +710,7 @@ def _hand_over(
     window) while the merge itself runs on one thread.
     """
     if on_window is not None:
-        with _torch_threads(threads) if threads is not None else nullcontext():
+        with torch_threads(threads) if threads is not None else nullcontext():
             on_window(out)
     if not keep:
         prov = (out.path / PROVENANCE_FILE).read_text()
@@ -768,7 +765,7 @@ def run_sweep(
         return result
 
     caller_threads = torch.get_num_threads()
-    with _torch_threads(threads):
+    with torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(plan.max_open)]
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
         with byte_progress(description, plan.bytes_read, quiet=quiet) as bar:
