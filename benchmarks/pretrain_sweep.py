@@ -94,8 +94,8 @@ def log(msg: str) -> None:
 
 def train(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], bool]:
     """Train, or reuse a finished trajectory of the same configuration (training is the longest stage)."""
-    from hubmerge.progress import count_progress
-    from hubmerge.train import train_trajectory
+    from hubmerge.demo.train import train_trajectory
+    from hubmerge.io.progress import Display
 
     folder = args.out / "trajectory"
     record_path = folder / "trajectory.json"
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], bool]:
             return [folder / c for c in record["checkpoints"]], record, True
     if args.report_only:
         raise SystemExit(f"error: --report-only: no finished trajectory of this configuration in {folder}")
-    with count_progress("training", args.steps, quiet=args.quiet) as bar:
+    with Display(quiet=args.quiet).count("training", args.steps) as bar:
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.advance(1)
@@ -232,7 +232,7 @@ def paradigm_counts(comparison: Any) -> dict[str, dict[str, int]]:
 
 
 def summarise(args: argparse.Namespace, report: Any, record: dict[str, Any], timings: dict[str, Any]) -> str:
-    from hubmerge.plots import plot_by_window, plot_scores
+    from hubmerge.stability.plots import plot_by_window, plot_scores
 
     comparison = report.comparison
     plots_dir = args.out / "report"
@@ -340,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_CACHE"] = str((args.out / "hf-cache").resolve())  # never the user's cache
     os.environ.pop("HF_HUB_OFFLINE", None)
-    from huggingface_hub import HfApi
-
-    from hubmerge.hub_server import HubServer
-    from hubmerge.push import push_checkpoints
-    from hubmerge.sweep import run_sweep_recipe
+    from hubmerge.devhub import HubServer
+    from hubmerge.hub.client import HubClient
+    from hubmerge.hub.push import push_checkpoints
+    from hubmerge.io.progress import Display
+    from hubmerge.workflows.sweep import run_sweep_recipe
 
     # Stage times of every run that worked on this folder: a run interrupted and resumed (the store and
     # the finished windows carry over) is timed in parts, and the report gives their sum and their count.
@@ -370,14 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         log(f"stage 2/3: pushing {len(ckpts)} branches to {server.url}/{args.repo}")
-        client = HfApi(endpoint=server.url, token=TOKEN)
-        push_checkpoints(client, args.repo, ckpts, skip_existing=True, quiet=args.quiet)
+        client = HubClient(endpoint=server.url, token=TOKEN, offline=False)
+        push_checkpoints(args.repo, ckpts, client, skip_existing=True, display=Display(quiet=args.quiet))
         record_stage("push", t0)
         recipe = write_recipe(args, [c.name for c in ckpts])
         log(f"stage 3/3: hubmerge sweep {recipe} --endpoint {server.url}")
         t0 = time.perf_counter()
         try:
-            report = run_sweep_recipe(recipe, endpoint=server.url, token=TOKEN, quiet=args.quiet)
+            report = run_sweep_recipe(recipe, client, display=Display(quiet=args.quiet))
             this["complete"] = True
         finally:
             record_stage("sweep", t0)

@@ -24,8 +24,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from hubmerge import ensemble as ens
-from hubmerge.store import ResultsStore, _Task
+from hubmerge.results import scores as ens
+from hubmerge.results.store import ResultsStore, TaskArrays
 
 
 def synthetic_task(t: int, n_examples: int, n_choices: int) -> SimpleNamespace:
@@ -110,7 +110,7 @@ CREATE INDEX predictions_by_task ON predictions (task_id, model_id, correct, cor
 """
 
 
-def fill_sqlite(path: Path, args: argparse.Namespace, task: _Task) -> dict[str, float]:
+def fill_sqlite(path: Path, args: argparse.Namespace, task: TaskArrays) -> dict[str, float]:
     rng = np.random.default_rng(0)
     con = sqlite3.connect(path)
     con.execute("PRAGMA journal_mode=WAL")

@@ -3,7 +3,7 @@
 Along T = 16 revisions of the synthetic trajectory (make_trajectory.py), every window of sizes
 W = {2, 4, 8} at stride 1 is averaged into fp16 twice:
 
-- shared: one process runs ``hubmerge.sweep_merge`` over all windows (each source read once);
+- shared: one process runs ``hubmerge.merging.sweep`` over all windows (each source read once);
 - independent: one ``hubmerge merge`` process per window (``sum over w of (T - w + 1) * w`` = 154 model
   reads for T = 16).
 
@@ -52,8 +52,8 @@ def proc_io() -> dict[str, int]:
 
 def child_sweep(config_path: Path) -> int:
     """Run the sweep with outputs deleted once written; report the engine's counters and /proc/self/io."""
-    from hubmerge.plan import SourceRef
-    from hubmerge.sweep_merge import plan_sweep, run_sweep
+    from hubmerge.io.checkpoint import SourceRef
+    from hubmerge.merging.sweep import plan_sweep, run_sweep
 
     cfg = json.loads(config_path.read_text())
     sources = [SourceRef(Path(p), Path(p).name) for p in cfg["sources"]]
@@ -66,7 +66,7 @@ def child_sweep(config_path: Path) -> int:
         max_shard_size=SHARD,
         max_windows_on_disk=cfg["max_windows_on_disk"],
     )
-    result = run_sweep(plan, keep=False, quiet=True)
+    result = run_sweep(plan, keep=False)
     report = {
         "bytes_read_counted": result.bytes_read,
         "bytes_read_planned": plan.bytes_read,
@@ -99,8 +99,8 @@ def child_merge(recipe: str, report: str) -> int:
 
 def child_idle(report: str) -> int:
     """The start-up alone (Python, torch and hubmerge imports): the baseline of every child's rchar."""
-    import hubmerge.merge  # noqa: F401
-    import hubmerge.sweep_merge  # noqa: F401
+    import hubmerge.merging.executor  # noqa: F401
+    import hubmerge.merging.sweep  # noqa: F401
 
     Path(report).write_text(json.dumps({"io": proc_io()}) + "\n")
     return 0

@@ -1,3 +1,3 @@
-from .cli import main
+from hubmerge.cli.app import main
 
 main()

@@ -12,8 +12,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def hub(tmp_path):
-    """A running local Hub (hubmerge.hub_server) on a free loopback port, storing under tmp_path."""
-    from hubmerge.hub_server import HubServer
+    """A running local Hub (hubmerge.devhub) on a free loopback port, storing under tmp_path."""
+    from hubmerge.devhub import HubServer
 
     with HubServer(tmp_path / "hub") as server:
         yield server
@@ -25,6 +25,14 @@ def hub_api(hub):
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=hub.url, token="hf_test")
+
+
+@pytest.fixture
+def client(hub):
+    """hubmerge's one Hub context, aimed at the local Hub with a token it accepts."""
+    from hubmerge.hub.client import HubClient
+
+    return HubClient(endpoint=hub.url, token="hf_test", offline=False)
 
 
 @pytest.fixture(autouse=True)

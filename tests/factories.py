@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BLIMP = SHARED / "blimp" / "anaphor_gender_agreement.jsonl"
+
 
 def tiny_llama_config(tie: bool = True):
     from transformers import LlamaConfig
@@ -101,3 +104,33 @@ def write_recipe(path: Path, sources: list[Path], out: Path, **extra) -> Path:
     data.update(extra)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def make_models(root: Path, n: int, texts: list[str]) -> list[Path]:
+    """``n`` tiny Llamas with one real byte-level BPE tokenizer: distinct random weights, loadable folders."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hubmerge.demo.train import build_tokenizer
+
+    tok = build_tokenizer(texts, kind="bpe", vocab_size=300, max_length=512)
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            max_position_embeddings=512,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(cfg)
+        path = root / f"step{(i + 1) * 100}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(path)
+    return paths

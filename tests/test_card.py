@@ -16,9 +16,11 @@ import yaml
 from factories import save_trajectory, write_recipe
 from huggingface_hub import ModelCard
 
-from hubmerge.card import CardEvidence, build_card, evidence_from_store, source_labels, write_card
-from hubmerge.merge import merge_recipe
-from hubmerge.writer import sha256_file
+from hubmerge.hub.client import HubClient
+from hubmerge.io.files import sha256_file
+from hubmerge.stability.card import CardEvidence, evidence_from_store, source_labels
+from hubmerge.workflows.card import build_card, write_card
+from hubmerge.workflows.merge import merge_recipe
 
 pytest.importorskip("duckdb")
 
@@ -47,7 +49,7 @@ def merged(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", ckpts, tmp_path / "out", method="weighted", weights=[0.2, 0.3, 0.5])
     with recipe.open("a") as f:
         f.write("# a comment the card keeps verbatim\n")
-    merge_recipe(recipe, quiet=True)
+    merge_recipe(recipe)
     return SimpleNamespace(out=tmp_path / "out", recipe=recipe, ckpts=ckpts)
 
 
@@ -168,7 +170,8 @@ def loglik_rows(key: str, tkey: str, preds: list[int]) -> list[tuple]:
 
 @pytest.fixture
 def store(tmp_path, merged):
-    from hubmerge.store import ResultsStore, weight_hashes_of_folder
+    from hubmerge.results.keys import weight_hashes_of_folder
+    from hubmerge.results.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results")
     tkey = store.register_task(make_task("toy_mc", "multiple_choice", [["a", "b"]] * 4, GOLD))
@@ -209,7 +212,7 @@ def test_evidence_from_the_store_matches_hand_computed_values(merged, store):
 
 
 def ev_key(folder: Path) -> str:
-    from hubmerge.store import model_key, weight_hashes_of_folder
+    from hubmerge.results.keys import model_key, weight_hashes_of_folder
 
     return model_key(weight_hashes_of_folder(folder))
 
@@ -226,7 +229,8 @@ def test_stability_after_along_an_averaged_series(merged, store):
 
 
 def test_merged_model_missing_from_the_store_says_what_to_do(merged, tmp_path):
-    from hubmerge.store import ResultsStore, StoreError
+    from hubmerge.errors import StoreError
+    from hubmerge.results.store import ResultsStore
 
     with pytest.raises(StoreError, match="evaluate it first"):
         evidence_from_store(merged.out, ResultsStore(tmp_path / "empty"))
@@ -250,7 +254,8 @@ def validate_yaml(hub, content: str) -> dict:
 
 
 def test_card_of_a_hub_merge_validates_on_the_local_hub(tmp_path, hub, hub_api):
-    from hubmerge.store import ResultsStore, weight_hashes_of_folder
+    from hubmerge.results.keys import weight_hashes_of_folder
+    from hubmerge.results.store import ResultsStore
 
     folders = save_trajectory(tmp_path / "ckpts", 2)
     hub_api.create_repo(REPO)
@@ -260,7 +265,7 @@ def test_card_of_a_hub_merge_validates_on_the_local_hub(tmp_path, hub, hub_api):
     recipe = tmp_path / "hub.yaml"
     sources = {"repo": REPO, "revisions": ["step1000", "step2000"]}
     recipe.write_text(yaml.safe_dump({"name": "hub-avg", "sources": sources, "output": {"path": str(tmp_path / "o")}}))
-    out = merge_recipe(recipe, quiet=True, endpoint=hub.url, token="hf_test").output
+    out = merge_recipe(recipe, HubClient(endpoint=hub.url, token="hf_test")).output
     prov = json.loads((out / "hubmerge.json").read_text())
 
     store = ResultsStore(tmp_path / "results")

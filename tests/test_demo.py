@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_through_the_local_hub(tmp_path):
     assert [s["revision"] for s in prov["sources"]] == ["step20", "step30"]
     assert all(s["repo"] == "demo/tiny-grammar" and len(s["commit"]) == 40 for s in prov["sources"])
     # The trajectory and the merge live in the demo's own Hub store, which survives the demo.
-    from hubmerge.hub_server import HubServer
+    from hubmerge.devhub import HubServer
 
     with HubServer(out / "hub") as hub:
         from huggingface_hub import HfApi

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from hubmerge import ensemble as ens
 from hubmerge.errors import RecipeError
+from hubmerge.results import scores as ens
 
 NAN = np.nan
 

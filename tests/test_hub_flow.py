@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from factories import load_state, save_trajectory
+from factories import load_state, save_trajectory, write_recipe
 from test_merge import assert_within_rounding, reference
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
 from hubmerge.errors import HubError, RevisionError
-from hubmerge.integrity import check
-from hubmerge.pull import pull, resolve_selection
-from hubmerge.push import push
-from hubmerge.revisions import Selector
+from hubmerge.hub.integrity import check
+from hubmerge.hub.pull import pull
+from hubmerge.hub.push import push
+from hubmerge.hub.revisions import Selector, resolve_selection
 
 runner = CliRunner()
 REPO = "org/tiny-pythia"
@@ -66,16 +66,16 @@ def test_unknown_repo_and_private_repo_say_how_to_log_in(hub, hub_api, trajector
     assert res.exit_code == 5 and "hf auth login" in res.output
 
 
-def test_gated_repo_download_says_how_to_log_in(hub, trajectory, hub_api):
+def test_gated_repo_download_says_how_to_log_in(hub, trajectory, hub_api, client):
     hub.set_gated(REPO)
-    revs, _ = resolve_selection(REPO, Selector(last=2), endpoint=hub.url, token="hf_test")
+    revs, _ = resolve_selection(REPO, Selector(last=2), client)
     with pytest.raises(HubError, match="gated.*hf auth login"):
-        pull(REPO, revs, endpoint=hub.url, token="hf_test", quiet=True)
+        pull(REPO, revs, client)
 
 
-def test_pull_downloads_only_what_a_merge_needs_into_the_hf_cache(hub, trajectory, hf_cache):
-    revs, _ = resolve_selection(REPO, Selector(last=3), endpoint=hub.url, token="hf_test")
-    refs = pull(REPO, revs, endpoint=hub.url, token="hf_test", quiet=True)
+def test_pull_downloads_only_what_a_merge_needs_into_the_hf_cache(hub, trajectory, hf_cache, client):
+    revs, _ = resolve_selection(REPO, Selector(last=3), client)
+    refs = pull(REPO, revs, client)
     assert [r.revision for r in refs] == ["step3000", "step4000", "step5000"]
     for ref, rev in zip(refs, revs, strict=True):
         assert ref.commit == rev.commit and hf_cache in ref.path.parents
@@ -92,11 +92,11 @@ def test_pull_downloads_only_what_a_merge_needs_into_the_hf_cache(hub, trajector
 
     before = weight_gets()
     assert before == 3
-    pull(REPO, revs, endpoint=hub.url, token="hf_test", quiet=True)
+    pull(REPO, revs, client)
     assert weight_gets() == before
 
 
-def test_pull_checks_remote_headers_before_downloading(tmp_path, hub, hub_api):
+def test_pull_checks_remote_headers_before_downloading(tmp_path, hub, hub_api, client):
     good = save_trajectory(tmp_path / "a", 2)
     odd = save_trajectory(tmp_path / "b", 1)[0]
     from safetensors.torch import load_file, save_file
@@ -105,26 +105,26 @@ def test_pull_checks_remote_headers_before_downloading(tmp_path, hub, hub_api):
     state["model.norm.weight"] = torch.ones(8, dtype=torch.float16)
     save_file(state, odd / "model.safetensors", metadata={"format": "pt"})
     seed(hub_api, "org/odd", [*good, odd], ["step1", "step2", "step3"])
-    revs, _ = resolve_selection("org/odd", Selector(last=3), endpoint=hub.url, token="hf_test")
+    revs, _ = resolve_selection("org/odd", Selector(last=3), client)
     with pytest.raises(Exception, match="model.norm.weight.*step3.*nothing downloaded"):
-        pull("org/odd", revs, endpoint=hub.url, token="hf_test", quiet=True)
+        pull("org/odd", revs, client)
     assert not any(r.method == "GET" and r.path.endswith("model.safetensors") and r.range is None for r in hub.requests)
 
 
-def test_dropped_download_is_resumed_and_the_partial_file_never_used(hub, trajectory):
-    revs, _ = resolve_selection(REPO, Selector(last=1), endpoint=hub.url, token="hf_test")
+def test_dropped_download_is_resumed_and_the_partial_file_never_used(hub, trajectory, client):
+    revs, _ = resolve_selection(REPO, Selector(last=1), client)
     hub.inject_drop(REPO, "model.safetensors", after_bytes=5000, times=1)
-    refs = pull(REPO, revs, endpoint=hub.url, token="hf_test", quiet=True)
+    refs = pull(REPO, revs, client)
     assert (refs[0].path / "model.safetensors").read_bytes() == (
         trajectory["step5000"] / "model.safetensors"
     ).read_bytes()
 
 
-def test_corrupted_download_is_detected_and_not_kept(hub, trajectory, hf_cache):
-    revs, _ = resolve_selection(REPO, Selector(last=1), endpoint=hub.url, token="hf_test")
+def test_corrupted_download_is_detected_and_not_kept(hub, trajectory, hf_cache, client):
+    revs, _ = resolve_selection(REPO, Selector(last=1), client)
     hub.inject_corrupt(REPO, "model.safetensors")
     with pytest.raises(HubError, match="does not match the sha256"):
-        pull(REPO, revs, endpoint=hub.url, token="hf_test", quiet=True)
+        pull(REPO, revs, client)
     blobs = list(hf_cache.rglob("blobs/*"))
     sizes = {p.stat().st_size for p in blobs}
     assert (trajectory["step5000"] / "model.safetensors").stat().st_size not in sizes
@@ -136,7 +136,7 @@ def write_hub_recipe(path: Path, out: Path, sources: dict, **extra) -> Path:
     return path
 
 
-def test_merge_from_hub_equals_local_reference_and_records_commits(tmp_path, hub, trajectory):
+def test_merge_from_hub_equals_local_reference_and_records_commits(tmp_path, hub, trajectory, client):
     recipe = write_hub_recipe(tmp_path / "r.yaml", tmp_path / "out", {"repo": REPO, "select": {"last": 3}})
     res = invoke(hub, "merge", str(recipe), "--quiet")
     assert res.exit_code == 0, res.output
@@ -144,7 +144,7 @@ def test_merge_from_hub_equals_local_reference_and_records_commits(tmp_path, hub
     ref = reference([trajectory[n] for n in ("step3000", "step4000", "step5000")], [1 / 3] * 3)
     assert_within_rounding(load_state(out), ref, torch.float16)
     prov = json.loads((out / "hubmerge.json").read_text())
-    revs, _ = resolve_selection(REPO, Selector(last=3), endpoint=hub.url, token="hf_test")
+    revs, _ = resolve_selection(REPO, Selector(last=3), client)
     assert [(s["repo"], s["revision"], s["commit"]) for s in prov["sources"]] == [
         (REPO, r.name, r.commit) for r in revs
     ]
@@ -195,12 +195,12 @@ def anomalous(tmp_path, hub, hub_api):
     return names
 
 
-def test_check_finds_every_anomaly(hub, anomalous):
+def test_check_finds_every_anomaly(hub, anomalous, client):
     report = check(
         "org/odd",
-        [r for r in resolve_selection("org/odd", Selector(since="step100"), endpoint=hub.url)[0]],
-        all_revisions=resolve_selection("org/odd", Selector(last=1), endpoint=hub.url)[1],
-        endpoint=hub.url,
+        [r for r in resolve_selection("org/odd", Selector(since="step100"), client)[0]],
+        client,
+        all_revisions=resolve_selection("org/odd", Selector(last=1), client)[1],
     )
     kinds = {(f.revision, f.kind) for f in report.findings}
     assert ("step200", "incomplete") in kinds
@@ -241,12 +241,36 @@ def test_merge_refuses_anomalous_window_unless_the_recipe_allows(tmp_path, hub, 
     assert [d["revision"] for d in prov["integrity"]["dropped"]] == ["step400"]
 
 
-def test_unknown_revision_in_recipe_names_closest(tmp_path, hub, trajectory):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_hub_weights_that_sum_to_zero_once_anomalies_are_dropped_are_one_clear_line(tmp_path, hub, anomalous, dry_run):
+    """The only revision with a share is dropped as a duplicate: exit 2 naming the field, nothing written."""
+    recipe = write_hub_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        {
+            "repo": "org/odd",
+            "select": {"revisions": ["step100", "step400", "step600"]},
+            "on_anomaly": "drop_duplicates",
+        },
+        method="weighted",
+        weights=[0, 1, 0],
+    )
+    res = invoke(hub, "merge", str(recipe), "--quiet", *(["--dry-run"] if dry_run else []))
+    assert res.exit_code == 2, res.output
+    assert f"{recipe}: field 'weights'" in res.output and "sum to zero once step400 was dropped" in res.output
+    errors = [line for line in res.output.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in res.output and len(errors) == 1 and errors[0].startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_revision_in_recipe_names_closest(tmp_path, hub, trajectory, client):
     with pytest.raises(RevisionError, match="step6000.*step5000"):
-        resolve_selection(REPO, Selector(revisions=["step6000"]), endpoint=hub.url, token="hf_test")
+        resolve_selection(REPO, Selector(revisions=["step6000"]), client)
 
 
-def test_push_creates_repo_and_branch_in_one_commit_and_never_shows_the_token(tmp_path, hub, hub_api, trajectory):
+def test_push_creates_repo_and_branch_in_one_commit_and_never_shows_the_token(
+    tmp_path, hub, hub_api, trajectory, client
+):
     recipe = write_hub_recipe(
         tmp_path / "r.yaml",
         tmp_path / "out",
@@ -271,7 +295,7 @@ def test_push_creates_repo_and_branch_in_one_commit_and_never_shows_the_token(tm
     assert {"model.safetensors", "config.json", "hubmerge.json"} <= files
     for p in (tmp_path / "out").iterdir():
         assert secret not in p.read_bytes().decode("latin-1")
-    pr = push(tmp_path / "out", "me/merged", create_pr=True, endpoint=hub.url, token="hf_test")
+    pr = push(tmp_path / "out", "me/merged", client, create_pr=True)
     assert pr.pr_url and "refs/pr/" in pr.pr_url or "discussions" in pr.pr_url
 
 
@@ -289,11 +313,39 @@ def test_recipe_output_push(tmp_path, hub, hub_api, trajectory):
     assert hub_api.file_exists("me/auto", "hubmerge.json", revision="last2")
 
 
-def test_pull_of_a_revision_the_hub_does_not_have(hub, trajectory):
-    from hubmerge.revisions import parse_revision
+def test_editing_the_recipe_during_a_merge_changes_nothing_the_merge_does(
+    tmp_path, hub, hub_api, trajectory, client, monkeypatch
+):
+    """The recipe is read once: what is pushed and recorded is the recipe as the merge read it."""
+    import hubmerge.workflows.merge as workflow
+
+    sources = [trajectory["step4000"], trajectory["step5000"]]
+    recipe = write_recipe(tmp_path / "r.yaml", sources, tmp_path / "out")
+    data = yaml.safe_load(recipe.read_text())
+    data["output"]["push"] = {"repo": "me/as-planned"}
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    original = dict(data)
+    real_execute = workflow.execute
+
+    def execute_while_editing(plan, **kwargs):
+        edited = {**data, "name": "edited", "output": {**data["output"], "push": {"repo": "me/edited"}}}
+        recipe.write_text(yaml.safe_dump(edited, sort_keys=False))
+        return real_execute(plan, **kwargs)
+
+    monkeypatch.setattr(workflow, "execute", execute_while_editing)
+    outcome = workflow.merge_recipe(recipe, client)
+    assert outcome.pushed is not None and outcome.pushed.repo == "me/as-planned"
+    assert hub_api.repo_exists("me/as-planned") and not hub_api.repo_exists("me/edited")
+    prov = json.loads((tmp_path / "out" / "hubmerge.json").read_text())
+    assert prov["recipe"] == original and prov["name"] == "test-merge"
+    assert yaml.safe_load(recipe.read_text())["name"] == "edited"  # the file did change under the merge
+
+
+def test_pull_of_a_revision_the_hub_does_not_have(hub, trajectory, client):
+    from hubmerge.hub.revisions import parse_revision
 
     with pytest.raises(RevisionError, match="revision 'step999' not found in org/tiny-pythia"):
-        pull(REPO, [parse_revision("step999")], endpoint=hub.url, token="hf_test", quiet=True)
+        pull(REPO, [parse_revision("step999")], client)
 
 
 def test_hub_serve_command_serves_the_client(tmp_path):

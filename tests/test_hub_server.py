@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from safetensors.numpy import save_file
 
-from hubmerge.hub_server import HubServer
+from hubmerge.devhub import HubServer
 
 REPO = "org/tiny"
 TOKEN = "hf_test"

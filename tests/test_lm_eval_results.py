@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hubmerge.errors import StabilityError
-from hubmerge.lm_eval_results import load_results, read_results, result_files
-from hubmerge.stability import StabilityReport
+from hubmerge.results.lm_eval import load_results, read_results, result_files
+from hubmerge.stability.report import StabilityReport
 
 PYTHIA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pythia-evals"
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 3000]

@@ -12,10 +12,11 @@ import torch
 from factories import load_state, save_trajectory, write_recipe
 from typer.testing import CliRunner
 
-from hubmerge.averaging import ema_weights, source_weights
 from hubmerge.cli import app
-from hubmerge.merge import merge_recipe, plan_recipe
-from hubmerge.writer import stale_partials
+from hubmerge.io.writer import stale_partials
+from hubmerge.merging.methods import ema_weights, source_weights
+from hubmerge.merging.recipe import load_recipe
+from hubmerge.workflows.merge import merge_recipe, plan_merge
 
 runner = CliRunner()
 
@@ -61,7 +62,7 @@ def assert_within_rounding(out: dict[str, torch.Tensor], ref: dict[str, torch.Te
 def test_merge_equals_float32_reference(tmp_path, fmt, method, extra, weights):
     paths = save_trajectory(tmp_path / "ckpts", 4, fmt=fmt)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", method=method, **extra)
-    result = merge_recipe(recipe, quiet=True)
+    result = merge_recipe(recipe)
     out = load_state(result.output)
     ref = reference(paths, weights)
     if fmt.startswith("bin"):
@@ -83,7 +84,7 @@ def test_weights_are_normalised_and_ema_favours_newest():
 def test_output_dtype_and_config(tmp_path, dtype):
     paths = save_trajectory(tmp_path / "ckpts", 3)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", dtype=dtype)
-    result = merge_recipe(recipe, quiet=True)
+    result = merge_recipe(recipe)
     tdtype = getattr(torch, dtype)
     assert_within_rounding(load_state(result.output), reference(paths, [1 / 3] * 3), tdtype)
     config = json.loads((result.output / "config.json").read_text())
@@ -97,7 +98,7 @@ def test_output_is_sharded_like_transformers_and_loads_and_generates(tmp_path):
     recipe = write_recipe(
         tmp_path / "r.yaml", paths, tmp_path / "out", output={"path": str(tmp_path / "out"), "max_shard_size": "20KB"}
     )
-    out = merge_recipe(recipe, quiet=True).output
+    out = merge_recipe(recipe).output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     n = len(shards)
@@ -113,7 +114,7 @@ def test_provenance_records_recipe_sources_weights_and_hashes(tmp_path):
 
     paths = save_trajectory(tmp_path / "ckpts", 2)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", method="weighted", weights=[1, 3])
-    out = merge_recipe(recipe, quiet=True).output
+    out = merge_recipe(recipe).output
     prov = json.loads((out / "hubmerge.json").read_text())
     assert prov["recipe"]["weights"] == [1, 3]
     assert prov["weights"] == [0.25, 0.75]
@@ -129,21 +130,21 @@ def test_bit_identical_across_runs_and_thread_counts(tmp_path):
     digests = []
     for i, threads in enumerate([1, 2, 1]):
         recipe = write_recipe(tmp_path / f"r{i}.yaml", paths, tmp_path / f"out{i}", method="ema", ema={"decay": 0.7})
-        out = merge_recipe(recipe, quiet=True, threads=threads).output
+        out = merge_recipe(recipe, threads=threads).output
         digests.append(json.loads((out / "hubmerge.json").read_text())["files"])
     assert digests[0] == digests[1] == digests[2]
 
 
 def test_large_tensors_are_chunked(tmp_path, monkeypatch):
     """A tensor larger than the chunk size is streamed in pieces and still equals the reference."""
-    import hubmerge.merge
-    import hubmerge.plan
+    import hubmerge.merging.executor
+    import hubmerge.merging.plan
 
-    monkeypatch.setattr(hubmerge.plan, "CHUNK_ELEMS", 1000)
-    monkeypatch.setattr(hubmerge.merge, "BLOCK_ELEMS", 256)
+    monkeypatch.setattr(hubmerge.merging.plan, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(hubmerge.merging.executor, "BLOCK_ELEMS", 256)
     paths = save_trajectory(tmp_path / "ckpts", 3, dtype=torch.bfloat16)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
-    out = merge_recipe(recipe, quiet=True).output
+    out = merge_recipe(recipe).output
     assert_within_rounding(load_state(out), reference(paths, [1 / 3] * 3), torch.bfloat16)
 
 
@@ -175,7 +176,8 @@ def test_existing_output_refused_without_force(tmp_path):
 def test_memory_estimate_is_independent_of_source_count(tmp_path):
     paths = save_trajectory(tmp_path / "ckpts", 6)
     plans = [
-        plan_recipe(write_recipe(tmp_path / f"r{n}.yaml", paths[-n:], tmp_path / "out"), force=True) for n in (2, 6)
+        plan_merge(load_recipe(write_recipe(tmp_path / f"r{n}.yaml", paths[-n:], tmp_path / "out")), force=True)
+        for n in (2, 6)
     ]
     assert plans[0].memory_estimate == plans[1].memory_estimate
     assert plans[1].bytes_read == 3 * plans[0].bytes_read
@@ -190,7 +192,7 @@ def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
     # Slow the writer down so the signal lands mid-merge.
     code = (
-        "import time, hubmerge.writer as w\n"
+        "import time, hubmerge.io.writer as w\n"
         "orig = w.ShardWriter.write\n"
         "def slow(self, data):\n"
         "    time.sleep(0.2); orig(self, data)\n"
@@ -210,23 +212,19 @@ def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_device_path_accumulates_like_the_cpu_path(dtype, monkeypatch):
+def test_device_path_accumulates_like_the_cpu_path(dtype):
     """The branch --device cuda takes (whole-chunk transfer and cast) gives the CPU path's float32 result.
 
     No GPU here: the device branch runs on CPU tensors, which checks its arithmetic, not the transfer.
     """
-    import hubmerge.merge
-    from hubmerge.merge import _accumulate
+    from hubmerge.merging.executor import accumulate_blocks, accumulate_on_device
 
-    monkeypatch.setattr(hubmerge.merge, "BLOCK_ELEMS", 1024)  # several cache blocks per chunk
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(3000, generator=gen).to(dtype) for _ in range(3)]
     weights = [0.2, 0.3, 0.5]
-    results = []
-    for on_cpu in (True, False):
-        acc = torch.empty(3000)
-        tmp = torch.empty(1024)
-        for i, (x, w) in enumerate(zip(xs, weights, strict=True)):
-            _accumulate(acc, x, tmp, w, i == 0, on_cpu)
-        results.append(acc)
-    assert torch.equal(results[0], results[1])
+    blocked, whole = torch.empty(3000), torch.empty(3000)
+    tmp = torch.empty(1024)
+    for i, (x, w) in enumerate(zip(xs, weights, strict=True)):
+        accumulate_blocks(x, [(blocked, w, i == 0)], tmp, 1024)  # several cache blocks per chunk
+        accumulate_on_device(x, [(whole, w, i == 0)])
+    assert torch.equal(blocked, whole)

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from hubmerge.errors import StabilityError  # noqa: E402
-from hubmerge.plots import choose_xscale, plot_by_window, plot_scores  # noqa: E402
-from hubmerge.stability import ExampleArrays, StabilityReport, compare  # noqa: E402
+from hubmerge.stability.plots import choose_xscale, plot_by_window, plot_scores  # noqa: E402
+from hubmerge.stability.report import ExampleArrays, StabilityReport, compare  # noqa: E402
 
 PYTHIA_STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 3000, 13000, 143000]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

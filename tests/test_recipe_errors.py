@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
-from hubmerge.recipe import load_recipe
-from hubmerge.writer import stale_partials
+from hubmerge.io.writer import stale_partials
+from hubmerge.merging.recipe import load_recipe
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -185,5 +185,5 @@ def test_no_weights_in_folder(tmp_path, two):
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_parses(path):
-    recipe, raw = load_recipe(path)
-    assert recipe.name and raw["name"] == recipe.name
+    doc = load_recipe(path)
+    assert doc.recipe.name and doc.raw["name"] == doc.recipe.name and doc.text == path.read_text()

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from hubmerge.errors import HubmergeError, RecipeError, RevisionError
-from hubmerge.revisions import (
+from hubmerge.hub.revisions import (
     Revision,
     Selector,
     closest_revisions,
@@ -498,7 +498,7 @@ def test_table_rows_and_notice():
 
 def test_import_is_light():
     code = (
-        "import sys, hubmerge.revisions\n"
+        "import sys, hubmerge.hub.revisions\n"
         "heavy = {'torch', 'transformers', 'huggingface_hub', 'yaml'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -12,9 +12,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hubmerge import scoring
 from hubmerge.errors import SourceError, TaskDataError
-from hubmerge.scoring import (
+from hubmerge.evaluation import scoring
+from hubmerge.evaluation.scoring import (
     LogLikelihood,
     encode_requests,
     load_model,
@@ -242,7 +242,7 @@ def test_progress_counts_every_request(lm):
 
 def test_requests_objects_and_errors(lm):
     model, tok = lm
-    from hubmerge.tasks import Request
+    from hubmerge.evaluation.tasks.specs import Request
 
     objs = [Request(0, i, c, t) for i, (c, t) in enumerate(REQUESTS[:3])]
     assert score_requests(model, tok, objs) == score_requests(model, tok, REQUESTS[:3])

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 
 from hubmerge.errors import HubmergeError, StabilityError
-from hubmerge.stability import (
-    ExampleArrays,
-    StabilityReport,
+from hubmerge.stability.metrics import (
     align_examples,
-    compare,
     example_mean_total_variation,
     flip_rate,
     from_example_rows,
@@ -24,6 +21,7 @@ from hubmerge.stability import (
     window_stats,
     worst_drop,
 )
+from hubmerge.stability.report import ExampleArrays, StabilityReport, compare
 
 # --- task level ----------------------------------------------------------------------------------------------------
 

@@ -18,10 +18,11 @@ import pytest
 
 pytest.importorskip("duckdb")
 
-from hubmerge import ensemble as ens  # noqa: E402
-from hubmerge import store as store_mod  # noqa: E402
-from hubmerge.errors import OutputError, SourceError  # noqa: E402
-from hubmerge.store import ResultsStore, StoreError, loglik_rows, model_key, weight_hashes_of_folder  # noqa: E402
+from hubmerge.errors import OutputError, SourceError, StoreError  # noqa: E402
+from hubmerge.results import scores as ens  # noqa: E402
+from hubmerge.results import store as store_mod  # noqa: E402
+from hubmerge.results.keys import model_key, weight_hashes_of_folder
+from hubmerge.results.store import ResultsStore, loglik_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 H = [hashlib.sha256(bytes([i])).hexdigest() for i in range(8)]  # stand-ins for weight file digests
@@ -139,7 +140,7 @@ def test_resume_after_the_writer_is_killed_mid_batch(mc, tmp_path):
     rows = rows_for(ka, tkey, LL_A)
     script = textwrap.dedent(f"""
         import os
-        from hubmerge import store as s
+        from hubmerge.results import store as s
         st = s.ResultsStore({str(store.path)!r})
         rows = {rows!r}
         real = s.ResultsStore._derive

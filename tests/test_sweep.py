@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
-from hubmerge.sweep import recommend, run_sweep_recipe
+from hubmerge.workflows.sweep import recommend, run_sweep_recipe
 
 runner = CliRunner()
 
@@ -18,8 +18,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory) -> tuple[list[Path], Path]:
     """Six checkpoints of the demo's tiny grammar model, and its minimal-pairs task."""
-    from hubmerge.grammar import write_minimal_pairs
-    from hubmerge.train import train_trajectory
+    from hubmerge.demo.grammar import write_minimal_pairs
+    from hubmerge.demo.train import train_trajectory
 
     root = tmp_path_factory.mktemp("traj")
     ckpts = train_trajectory(root / "ckpts", steps=24, save_every=4, d_model=32, n_layers=1, n_heads=2, batch_size=8)
@@ -46,7 +46,7 @@ def swept(tmp_path_factory, trajectory):
     ckpts, pairs = trajectory
     root = tmp_path_factory.mktemp("sweep")
     recipe = sweep_recipe(root, ckpts, pairs)
-    return root, recipe, run_sweep_recipe(recipe, quiet=True)
+    return root, recipe, run_sweep_recipe(recipe)
 
 
 def test_sweep_scores_every_series_and_recommends(swept):
@@ -96,21 +96,21 @@ def test_sweep_unaligned_keeps_every_window_end(tmp_path, swept, trajectory):
     data["evaluate"]["results"] = str(root / "res")  # the scores are stored already: nothing is rescored
     data["evaluate"]["limit"] = {"blimp": 4}
     recipe.write_text(yaml.safe_dump(data))
-    comp = run_sweep_recipe(recipe, quiet=True).comparison
+    comp = run_sweep_recipe(recipe).comparison
     assert [len(comp.raw.labels), len(comp.averaged[2].labels), len(comp.averaged[3].labels)] == [6, 5, 4]
     assert comp.raw.tasks["blimp"].n_examples == 4 * 7  # the limit applies to each paradigm of the group
 
 
 def test_sweep_rerun_skips_finished_windows_and_scores(swept):
     _, recipe, first = swept
-    again = run_sweep_recipe(recipe, quiet=True)
+    again = run_sweep_recipe(recipe)
     assert again.bytes_read == 0  # no window recomputed
     assert again.recommendation == first.recommendation
     assert again.comparison.to_dict() == first.comparison.to_dict()
 
 
 def test_recommendation_prefers_low_instability_then_score():
-    from hubmerge.stability import StabilityReport, compare
+    from hubmerge.stability.report import StabilityReport, compare
 
     def series(scores):
         return StabilityReport.build([(f"w{i}", i, {"t": s}) for i, s in enumerate(scores)])
@@ -131,3 +131,40 @@ def test_sweep_command_and_missing_blocks(tmp_path, swept, trajectory):
     bad.write_text(yaml.safe_dump({"name": "x", "sources": [{"path": str(p)} for p in ckpts], "output": {"path": "o"}}))
     res = runner.invoke(app, ["sweep", str(bad)])
     assert res.exit_code == 2 and "needs both a 'sweep:' block" in res.output
+
+
+def test_a_weighted_sweep_weights_each_window_size_as_the_recipe_says(tmp_path, trajectory):
+    """``method: weighted`` takes one list of shares per window size (``sweep.weights``), and each window uses it."""
+    ckpts, pairs = trajectory
+    recipe = sweep_recipe(tmp_path, ckpts[:4], pairs, sizes=[1, 2, 3], keep=True, weights={2: [1, 3], 3: [1, 1, 2]})
+    data = yaml.safe_load(recipe.read_text())
+    data["method"] = "weighted"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    report = run_sweep_recipe(recipe)
+    assert report.windows == 5
+    for folder in sorted((tmp_path / "sweep").glob("w*-step*")):
+        prov = json.loads((folder / "hubmerge.json").read_text())
+        expected = {2: [0.25, 0.75], 3: [0.25, 0.25, 0.5]}[prov["sweep"]["window"]["size"]]
+        assert prov["method"] == "weighted" and prov["weights"] == expected, folder.name
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"method": "weighted", "weights": [1, 1, 1, 1]}, "field 'weights': 'weights' gives one share per source"),
+        ({"method": "weighted", "sweep": {"sizes": [2, 3], "weights": {2: [1, 1]}}}, "window size 3"),
+        ({"method": "weighted", "sweep": {"sizes": [2], "weights": {2: [1, 1, 1]}}}, "has 3 shares; give 2"),
+        ({"method": "weighted", "sweep": {"sizes": [2], "weights": {2: [0, 0]}}}, "not all zero"),
+        ({"sweep": {"sizes": [2], "weights": {2: [1, 3]}}}, "only used with method 'weighted'"),
+    ],
+)
+def test_a_sweep_recipe_with_unusable_weights_is_refused_at_load(tmp_path, trajectory, change, expected):
+    ckpts, pairs = trajectory
+    recipe = sweep_recipe(tmp_path, ckpts[:4], pairs)
+    data = yaml.safe_load(recipe.read_text())
+    data.update(change)
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = runner.invoke(app, ["sweep", str(recipe), "-q"])
+    assert res.exit_code == 2, res.output
+    assert "invalid recipe" in res.output and expected in res.output.replace("\n", " ")
+    assert not (tmp_path / "sweep").exists()

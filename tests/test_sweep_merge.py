@@ -16,9 +16,9 @@ import yaml
 from factories import load_state, save_trajectory
 
 from hubmerge.errors import OutputError, RecipeError
-from hubmerge.merge import merge_recipe
-from hubmerge.plan import PROCESS_BASELINE_BYTES, READ_BUFFERS, WRITE_BUFFERS
-from hubmerge.sweep_merge import (
+from hubmerge.io.writer import TEMP_SUFFIX, stale_partials
+from hubmerge.merging.plan import PROCESS_BASELINE_BYTES, READ_BUFFERS, WRITE_BUFFERS
+from hubmerge.merging.sweep import (
     DELETED_SUFFIX,
     Window,
     max_open_windows,
@@ -27,7 +27,7 @@ from hubmerge.sweep_merge import (
     sweep,
     window_positions,
 )
-from hubmerge.writer import TEMP_SUFFIX, stale_partials
+from hubmerge.workflows.merge import merge_recipe
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def direct_merge(out, tmp_path: Path) -> dict[str, str]:
     recipe["output"]["path"] = str(tmp_path / "direct" / out.window.name)
     path = tmp_path / f"{out.window.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return merge_recipe(path, quiet=True).files
+    return merge_recipe(path).files
 
 
 def weight_files(files: dict[str, str]) -> dict[str, str]:
@@ -59,7 +59,7 @@ def test_every_window_is_bit_identical_to_a_direct_merge(trajectory, tmp_path, s
     ``chunk=1000`` splits every large tensor into many chunks (and blocks of 256), which must not matter.
     """
     options = {"chunk_elems": chunk, "block_elems": 256} if chunk else {}
-    result = sweep(trajectory, [1, 2, 3, 4], tmp_path / "sweep", stride=stride, quiet=True, **options)
+    result = sweep(trajectory, [1, 2, 3, 4], tmp_path / "sweep", stride=stride, **options)
     assert {(o.window.start, o.window.size) for o in result.outputs} == expected_windows(6, [2, 3, 4], stride)
     assert result.passes == 1
     for out in result.outputs:
@@ -84,9 +84,7 @@ def test_every_window_is_bit_identical_to_a_direct_merge(trajectory, tmp_path, s
     [("ema", {"decay": 0.5}), ("weighted", {"weights": {2: [1, 3], 3: [1, 2, 5]}})],
 )
 def test_ema_and_weighted_windows_equal_direct_merges(trajectory, tmp_path, method, options):
-    result = sweep(
-        trajectory, [2, 3], tmp_path / "sweep", stride=2, method=method, dtype="bfloat16", quiet=True, **options
-    )
+    result = sweep(trajectory, [2, 3], tmp_path / "sweep", stride=2, method=method, dtype="bfloat16", **options)
     for out in result.outputs:
         if method == "ema":
             w = [0.5 ** (out.window.size - 1 - i) for i in range(out.window.size)]
@@ -97,10 +95,10 @@ def test_ema_and_weighted_windows_equal_direct_merges(trajectory, tmp_path, meth
 
 def test_write_behind_leaves_the_bytes_unchanged(trajectory, tmp_path, monkeypatch):
     """Outputs are handed to the disk (and dropped from the page cache) every few KiB here: same files."""
-    import hubmerge.sweep_merge
+    import hubmerge.io.writer
 
-    monkeypatch.setattr(hubmerge.sweep_merge, "WRITE_BEHIND_BYTES", 4096)
-    result = sweep(trajectory[:4], [2, 3], tmp_path / "sweep", quiet=True)
+    monkeypatch.setattr(hubmerge.io.writer, "WRITE_BEHIND_BYTES", 4096)
+    result = sweep(trajectory[:4], [2, 3], tmp_path / "sweep")
     assert result.outputs[0].plan.bytes_written > 10 * 4096
     for out in result.outputs:
         assert weight_files(out.files) == weight_files(direct_merge(out, tmp_path)), out.window.name
@@ -109,7 +107,7 @@ def test_write_behind_leaves_the_bytes_unchanged(trajectory, tmp_path, monkeypat
 def test_bin_checkpoints_with_integer_buffers_and_a_tied_head(tmp_path):
     """The non-floating path (buffers copied, checked equal) and dropped aliases, as ``hubmerge merge`` does."""
     paths = save_trajectory(tmp_path / "ckpts", 4, fmt="bin")
-    result = sweep(paths, [2, 3], tmp_path / "sweep", quiet=True, chunk_elems=1000, block_elems=256)
+    result = sweep(paths, [2, 3], tmp_path / "sweep", chunk_elems=1000, block_elems=256)
     for out in result.outputs:
         assert weight_files(out.files) == weight_files(direct_merge(out, tmp_path)), out.window.name
         assert "lm_head.weight" not in load_state(out.path)
@@ -122,7 +120,7 @@ def test_each_source_is_read_once(trajectory, tmp_path):
     assert model == sum(t.nbytes for t in plan.checkpoints[0].tensors.values())
     assert plan.bytes_read == 6 * model
     assert plan.bytes_read_independent == (5 * 2 + 4 * 3 + 3 * 4) * model
-    result = run_sweep(plan, quiet=True)
+    result = run_sweep(plan)
     assert result.bytes_read == 6 * model
     assert result.bytes_written == sum(plan.plans[w.name].bytes_written for w in plan.windows)
 
@@ -161,7 +159,7 @@ class Stop(Exception):
 
 
 def test_interrupted_sweep_resumes_with_only_the_missing_windows(trajectory, tmp_path):
-    reference = {o.window.name: o.files for o in sweep(trajectory, [2, 3, 4], tmp_path / "ref", quiet=True).outputs}
+    reference = {o.window.name: o.files for o in sweep(trajectory, [2, 3, 4], tmp_path / "ref").outputs}
     root = tmp_path / "sweep"
     plan = plan_sweep(trajectory, [2, 3, 4], root, max_windows_on_disk=4)
     assert [len(b) for b in plan.batches] == [4, 4, 4]
@@ -173,7 +171,7 @@ def test_interrupted_sweep_resumes_with_only_the_missing_windows(trajectory, tmp
             raise Stop  # the evaluation loop fails on the first window of the second pass
 
     with pytest.raises(Stop):
-        run_sweep(plan, on_window=evaluate, quiet=True)
+        run_sweep(plan, on_window=evaluate)
     finished = {p.name for p in root.iterdir()}
     assert finished == {w.name for w in plan.batches[0] + plan.batches[1]}  # the second pass was committed
     assert stale_partials(root) == []
@@ -181,7 +179,7 @@ def test_interrupted_sweep_resumes_with_only_the_missing_windows(trajectory, tmp
     again = plan_sweep(trajectory, [2, 3, 4], root, max_windows_on_disk=4)
     todo = plan.batches[2]
     assert again.todo == todo
-    result = run_sweep(again, quiet=True)
+    result = run_sweep(again)
     assert [o.window.name for o in result.outputs if o.computed] == [w.name for w in todo]
     assert {o.window.name for o in result.outputs if not o.computed} == finished
     # Only the sources the last pass spans were read.
@@ -200,13 +198,13 @@ def test_keep_false_bounds_the_outputs_on_disk_and_remembers_what_was_done(traje
 
     plan = plan_sweep(trajectory, [2, 3, 4], root, max_windows_on_disk=3)
     assert plan.disk_bytes(keep=False) < plan.disk_bytes(keep=True) / 3
-    result = run_sweep(plan, on_window=evaluate, keep=False, quiet=True)
+    result = run_sweep(plan, on_window=evaluate, keep=False)
     assert len(on_disk) == 12 and max(on_disk) <= 3
     assert not [p for p in root.iterdir() if p.is_dir()]
     assert sorted(p.name for p in root.iterdir()) == sorted(o.window.name + DELETED_SUFFIX for o in result.outputs)
     again = plan_sweep(trajectory, [2, 3, 4], root, max_windows_on_disk=3)
     assert again.todo == [] and again.bytes_read == 0
-    assert len(run_sweep(again, quiet=True).skipped) == 12
+    assert len(run_sweep(again).skipped) == 12
 
 
 def test_windows_are_merged_on_one_thread_and_handed_over_on_the_callers(trajectory, tmp_path):
@@ -216,7 +214,7 @@ def test_windows_are_merged_on_one_thread_and_handed_over_on_the_callers(traject
     torch.set_num_threads(2)
     try:
         plan = plan_sweep(trajectory, [2], tmp_path / "sweep")
-        run_sweep(plan, on_window=lambda out: seen.append(torch.get_num_threads()), keep=False, quiet=True, threads=1)
+        run_sweep(plan, on_window=lambda out: seen.append(torch.get_num_threads()), keep=False, threads=1)
         assert seen == [2] * len(plan.windows) and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -226,13 +224,13 @@ def test_killed_sweep_leaves_only_finished_windows_and_the_rerun_cleans_up(traje
     """SIGKILL mid-pass (no chance to clean up): the rerun removes the partial folder and finishes the sweep."""
     root = tmp_path / "sweep"
     code = (
-        "import sys, time, hubmerge.writer as w\n"
+        "import sys, time, hubmerge.io.writer as w\n"
         "orig = w.ShardWriter.write\n"
         "def slow(self, data):\n"
         "    time.sleep(0.05); orig(self, data)\n"
         "w.ShardWriter.write = slow\n"
-        "from hubmerge.sweep_merge import sweep\n"
-        "sweep(sys.argv[2:], [2, 3], sys.argv[1], max_windows_on_disk=2, quiet=True)\n"
+        "from hubmerge.merging.sweep import sweep\n"
+        "sweep(sys.argv[2:], [2, 3], sys.argv[1], max_windows_on_disk=2)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), *map(str, trajectory)], stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -250,7 +248,7 @@ def test_killed_sweep_leaves_only_finished_windows_and_the_rerun_cleans_up(traje
 
     plan = plan_sweep(trajectory, [2, 3], root, max_windows_on_disk=2)
     assert {w.name for w in plan.windows if plan.status[w.name] == "done"} == done
-    result = run_sweep(plan, quiet=True)
+    result = run_sweep(plan)
     assert stale_partials(root) == []
     assert {o.window.name for o in result.outputs if o.computed} == {w.name for w in plan.windows} - done
     assert len(result.outputs) == 5 + 4
@@ -258,7 +256,7 @@ def test_killed_sweep_leaves_only_finished_windows_and_the_rerun_cleans_up(traje
 
 def test_a_folder_that_is_not_a_finished_window_is_refused(trajectory, tmp_path):
     root = tmp_path / "sweep"
-    result = sweep(trajectory[:3], [2], root, quiet=True)
+    result = sweep(trajectory[:3], [2], root)
     shard = result.outputs[0].path / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
@@ -267,7 +265,7 @@ def test_a_folder_that_is_not_a_finished_window_is_refused(trajectory, tmp_path)
         plan_sweep(trajectory[:3], [2], root)
     with pytest.raises(OutputError, match="other sources, weights"):
         plan_sweep(trajectory[:3], [2], root, dtype="float32", verify=False)
-    redone = sweep(trajectory[:3], [2], root, quiet=True, force=True)
+    redone = sweep(trajectory[:3], [2], root, force=True)
     assert all(o.computed for o in redone.outputs)
     assert redone.outputs[0].files == result.outputs[0].files
 
@@ -301,7 +299,7 @@ def test_plan_summary(trajectory, tmp_path):
     ]
     assert d["bytes_read"] * 14 == d["bytes_read_independent"] * 6
     console = Console(record=True, width=120)
-    from hubmerge.sweep_merge import render_sweep_plan
+    from hubmerge.cli.render import render_sweep_plan
 
     render_sweep_plan(plan, console)
     text = console.export_text()

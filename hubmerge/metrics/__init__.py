@@ -2,7 +2,7 @@
 
 Each metric is a folder ``<name>/`` holding ``<name>.py`` with one ``evaluate.Metric`` subclass, the layout
 ``evaluate.load(path)`` accepts offline; users can load them the same way in their own code. The modules hold
-no arithmetic of their own: they call :mod:`hubmerge.ensemble`, which the results store uses too, so a
+no arithmetic of their own: they call :mod:`hubmerge.results.scores`, which the results store uses too, so a
 metric and a stored score cannot drift apart. ``evaluate`` (and with it ``datasets``) is imported only here,
 on first use, because it is slow to import.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubmergeError
+from hubmerge.errors import HubmergeError
 
 METRICS_DIR = Path(__file__).resolve().parent
 

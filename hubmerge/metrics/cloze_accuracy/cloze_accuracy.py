@@ -8,7 +8,7 @@ is ``exp(-mean(logprobs))``.
 import datasets
 import evaluate
 
-from hubmerge.ensemble import cloze_accuracy, cloze_perplexity
+from hubmerge.results.scores import cloze_accuracy, cloze_perplexity
 
 _KWARGS = """
 Args:

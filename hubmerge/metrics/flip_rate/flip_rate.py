@@ -9,7 +9,7 @@ over the examples present at both of its ends. One checkpoint gives NaN; NaN val
 import datasets
 import evaluate
 
-from hubmerge.stability import flip_rate, from_example_rows
+from hubmerge.stability.metrics import flip_rate, from_example_rows
 
 _CITATION = """\
 @inproceedings{nishida2025instability,

@@ -10,7 +10,7 @@ gives NaN.
 import datasets
 import evaluate
 
-from hubmerge.stability import from_example_rows, instability_score
+from hubmerge.stability.metrics import from_example_rows, instability_score
 
 _CITATION = """\
 @inproceedings{nishida2025instability,

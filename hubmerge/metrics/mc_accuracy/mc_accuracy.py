@@ -3,14 +3,14 @@
 Inputs, one entry per example: ``predictions`` is the list of summed log-likelihoods of each answer option
 (examples may have different numbers of options), ``references`` the gold option's index, ``choice_lengths``
 each option's length in characters without the target delimiter (what ``acc_norm`` divides by).
-The arithmetic lives in :mod:`hubmerge.ensemble`, shared with the results store.
+The arithmetic lives in :mod:`hubmerge.results.scores`, shared with the results store.
 """
 
 import datasets
 import evaluate
 import numpy as np
 
-from hubmerge.ensemble import mc_accuracy, pad
+from hubmerge.results.scores import mc_accuracy, pad
 
 _CITATION = """\
 @software{eval-harness,

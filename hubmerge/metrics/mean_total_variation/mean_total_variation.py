@@ -4,13 +4,13 @@ Two input forms. Task level: ``predictions`` is the task score of each checkpoin
 ``MTV = 1/(m-1) Σ_t |s_{t+1} - s_t|``. Example level: ``predictions`` holds one row per example with its value
 (correctness 0/1 or the gold choice's probability) at each checkpoint in training order, ``None`` where a
 checkpoint lacks the example; MTV is averaged over the examples present at both ends of each step. One
-checkpoint gives NaN (undefined); NaN values are refused. The arithmetic is :mod:`hubmerge.stability`'s.
+checkpoint gives NaN (undefined); NaN values are refused. The arithmetic is :mod:`hubmerge.stability.metrics`'s.
 """
 
 import datasets
 import evaluate
 
-from hubmerge.stability import example_mean_total_variation, from_example_rows, mean_total_variation
+from hubmerge.stability.metrics import example_mean_total_variation, from_example_rows, mean_total_variation
 
 _CITATION = """\
 @inproceedings{nishida2025instability,

@@ -7,7 +7,7 @@ counts as correct, as in lm-evaluation-harness (a two-choice argmax with gold 0)
 import datasets
 import evaluate
 
-from hubmerge.ensemble import minimal_pairs_accuracy
+from hubmerge.results.scores import minimal_pairs_accuracy
 
 _KWARGS = """
 Args:

@@ -1,7 +1,7 @@
 """Perplexity of texts from their rolling log-likelihoods, weighted as lm-evaluation-harness does.
 
 Inputs, one entry per text: ``logprobs`` (total log-probability of the text under rolling windows),
-``words`` (``len(re.split(r"\\s+", text))``) and ``bytes`` (UTF-8 length); ``hubmerge.ensemble.count_words``
+``words`` (``len(re.split(r"\\s+", text))``) and ``bytes`` (UTF-8 length); ``hubmerge.results.scores.count_words``
 and ``count_bytes`` compute them. Corpus-level: word and byte perplexity ``exp(-sum(logprobs) / sum(weights))``
 and ``bits_per_byte = -sum(logprobs) / sum(bytes) / ln 2``.
 """
@@ -9,7 +9,7 @@ and ``bits_per_byte = -sum(logprobs) / sum(bytes) / ln 2``.
 import datasets
 import evaluate
 
-from hubmerge.ensemble import perplexities
+from hubmerge.results.scores import perplexities
 
 _KWARGS = """
 Args:

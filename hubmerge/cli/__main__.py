@@ -1,0 +1,3 @@
+from hubmerge.cli.app import main
+
+main()

@@ -1,0 +1,432 @@
+"""Reading Hugging Face model folders tensor by tensor, without loading whole checkpoints.
+
+Also the one rule for finding a model's weight files (:func:`weight_layout`), for local folders, Hub listings
+and cached snapshots alike.
+
+Safetensors files are read with ``pread`` into caller-owned buffers, so pages of the sources never
+accumulate in the process (an mmap would count every touched page in RSS). ``.bin`` checkpoints are
+zip-pickles: they are opened with ``torch.load(weights_only=True, mmap=True)``, which refuses
+arbitrary objects, and the pages of each chunk are released after it is copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hubmerge.errors import SourceError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+WEIGHT_INDEX_FILES = (SAFETENSORS_INDEX, BIN_INDEX)
+# How transformers finds a model's weights, in its order of preference: (index file, single file, format).
+WEIGHT_FORMATS = (
+    (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"),
+    (BIN_INDEX, BIN_SINGLE, "bin"),
+)
+
+# Files copied from the newest source next to the merged weights, so the output loads and tokenises.
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# Output dtypes a recipe may ask for, by their torch names.
+DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+
+
+def torch_dtype(st_dtype: str) -> Any:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": torch.uint64,
+        "U32": torch.uint32,
+        "U16": torch.uint16,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }[st_dtype]
+
+
+def st_dtype_of(tdtype: Any) -> str:
+    """The safetensors name of a torch dtype."""
+    import torch
+
+    names = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint64: "U64",
+        torch.uint32: "U32",
+        torch.uint16: "U16",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+    if tdtype not in names:
+        raise SourceError(f"unsupported tensor dtype {tdtype}")
+    return names[tdtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of one checkpoint lives."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F16"
+    shape: tuple[int, ...]
+    file: str  # file name inside the checkpoint folder
+    offset: int = 0  # absolute byte offset in a safetensors file; 0 for .bin
+    alias_of: str | None = None  # .bin only: another name sharing the same storage bytes
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+@dataclass
+class SourceRef:
+    """A source checkpoint folder and where it came from (a local folder, or a Hub repo at a revision)."""
+
+    path: Path
+    label: str
+    repo: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    @classmethod
+    def local(cls, path: str | Path) -> SourceRef:
+        """A local folder, labelled by its name."""
+        resolved = Path(path).expanduser().resolve()
+        return cls(resolved, resolved.name)
+
+    def describe(self) -> str:
+        if self.repo:
+            sha = f"@{self.commit[:10]}" if self.commit else ""
+            return f"{self.repo}:{self.revision}{sha}"
+        return str(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": str(self.path)}
+        if self.repo:
+            d.update(repo=self.repo, revision=self.revision, commit=self.commit)
+        return d
+
+
+@dataclass
+class Checkpoint:
+    """One source checkpoint folder: its format, weight files and tensor table."""
+
+    path: Path
+    format: str  # "safetensors" | "bin"
+    files: list[str]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values() if t.alias_of is None)
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Which files hold a model's weights: its format, index, the weight files present and those missing.
+
+    The one rule for finding weights, shared by local folders, Hub tree listings and cached snapshots.
+    """
+
+    format: str | None  # "safetensors" | "bin" | None (no weights)
+    index_file: str | None = None
+    files: tuple[str, ...] = ()  # weight files the model uses that are present, sorted
+    missing: tuple[str, ...] = ()  # weight files its index names that are absent
+
+
+def weight_layout(names: Collection[str], read_index: Callable[[str], Mapping[str, str]]) -> WeightLayout:
+    """The weight files among ``names`` (a folder's or revision's files), as transformers would pick them.
+
+    ``read_index(name)`` returns an index file's ``weight_map``; it is called only when an index is present.
+    """
+    for index, single, fmt in WEIGHT_FORMATS:
+        if index in names:
+            shards = sorted(set(read_index(index).values()))
+            present = tuple(n for n in shards if n in names)
+            return WeightLayout(fmt, index, present, tuple(n for n in shards if n not in names))
+        if single in names:
+            return WeightLayout(fmt, None, (single,))
+    return WeightLayout(None)
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """An index file's ``weight_map`` (tensor -> shard file), checked to name plain files only."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(
+            f"{index_path}: not a readable weight index ({e}); re-download the checkpoint", path=index_path
+        ) from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index_path}: 'weight_map' is empty or not a mapping", path=index_path)
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+            raise SourceError(f"{index_path}: shard name {shard!r} is not a plain file name", path=index_path)
+    return weight_map
+
+
+def local_weight_layout(path: Path) -> WeightLayout:
+    """The weight layout of a model folder on disk."""
+    names = {p.name for p in path.iterdir() if p.is_file()} if path.is_dir() else set()
+    return weight_layout(names, lambda index: read_weight_map(path / index))
+
+
+def _checked_layout(path: Path) -> WeightLayout:
+    layout = local_weight_layout(path)
+    if layout.format is None:
+        raise SourceError(
+            f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX}, "
+            f"{BIN_SINGLE})",
+            path=path,
+        )
+    if layout.missing:
+        raise SourceError(
+            f"{path / str(layout.index_file)} names shard {layout.missing[0]!r}, which is missing from {path}; "
+            "the checkpoint is incomplete: re-download it or drop this revision",
+            path=path,
+        )
+    return layout
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """Return (data start offset, header dict) of a safetensors file, validating its framing."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SourceError(f"{file}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            size = os.fstat(f.fileno()).st_size
+            if n > 100_000_000 or 8 + n > size:
+                raise SourceError(f"{file}: corrupt safetensors header (declared length {n})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise SourceError(f"{file}: cannot read ({e.strerror})") from e
+    except ValueError as e:
+        raise SourceError(f"{file}: corrupt safetensors header ({e})") from e
+    data_start = 8 + n
+    data_size = size - data_start
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = entry["dtype"]
+        if dtype not in ITEMSIZE:
+            raise SourceError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        if end - begin != numel * ITEMSIZE[dtype] or end > data_size or begin < 0:
+            raise SourceError(f"{file}: tensor {name!r} has inconsistent offsets; the file is truncated or corrupt")
+    return data_start, header
+
+
+def _safetensors_tensors(path: Path, files: list[str], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for fname in files:
+        start, header = read_safetensors_header(path / fname)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if weight_map is not None and weight_map.get(name) != fname:
+                continue  # the index decides which file serves a tensor
+            tensors[name] = TensorInfo(
+                name, entry["dtype"], tuple(entry["shape"]), fname, start + entry["data_offsets"][0]
+            )
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise SourceError(
+                f"{path}: tensor {missing[0]!r} is listed in {SAFETENSORS_INDEX} under "
+                f"{weight_map[missing[0]]!r} but that file does not contain it"
+            )
+    return tensors
+
+
+def _load_bin(file: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise SourceError(
+            f"{file}: refused to load: it holds objects other than tensors ({str(e).splitlines()[0]}); "
+            "hubmerge never unpickles arbitrary code"
+        ) from e
+    except (OSError, RuntimeError) as e:
+        raise SourceError(f"{file}: cannot read as a PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+    if not isinstance(state, dict):
+        raise SourceError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def _bin_tensors(path: Path, files: list[str], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    import torch
+
+    tensors: dict[str, TensorInfo] = {}
+    for fname in files:
+        groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+        for name, t in _load_bin(path / fname).items():
+            if not isinstance(t, torch.Tensor):
+                raise SourceError(f"{path / fname}: entry {name!r} is not a tensor")
+            if weight_map is not None and weight_map.get(name) != fname:
+                continue
+            tensors[name] = TensorInfo(name, st_dtype_of(t.dtype), tuple(t.shape), fname)
+            if t.numel():
+                groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+        for names in groups.values():
+            # An output head tied to the input embedding is the alias; the embedding is the one kept.
+            names.sort(key=lambda n: (is_output_head(n), n))
+            for alias in names[1:]:
+                info = tensors[alias]
+                tensors[alias] = TensorInfo(alias, info.dtype, info.shape, info.file, 0, names[0])
+    return tensors
+
+
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+def is_output_head(name: str) -> bool:
+    """Whether ``name`` is a causal LM's output projection, the tensor that tied models share."""
+    return name.endswith(OUTPUT_HEADS)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Inspect a model folder: find its weight files and read every tensor's dtype, shape and location."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder; a source must be a Hugging Face model folder", path=path)
+    layout = _checked_layout(path)
+    weight_map = read_weight_map(path / layout.index_file) if layout.index_file else None
+    files = list(layout.files)
+    read = _safetensors_tensors if layout.format == "safetensors" else _bin_tensors
+    return Checkpoint(path, str(layout.format), files, read(path, files, weight_map))
+
+
+_libc: Any = None
+
+
+def _release_pages(address: int, length: int) -> None:
+    """Drop the resident pages of a private file mapping (they are re-read from disk if touched again)."""
+    global _libc
+    if length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc:
+        return
+    page = mmap.PAGESIZE
+    start = address - address % page
+    end = address + length
+    end += (-end) % page
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+class CheckpointReader:
+    """Reads byte ranges of a checkpoint's tensors into caller buffers; one per source, one thread."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._fds: dict[str, int] = {}
+        self._bin: dict[str, dict[str, Any]] = {}
+
+    def read_into(self, info: TensorInfo, start: int, count: int, out: Any) -> None:
+        """Copy elements ``[start, start+count)`` of tensor ``info`` into the uint8 torch tensor ``out``."""
+        itemsize = ITEMSIZE[info.dtype]
+        nbytes = count * itemsize
+        if self.checkpoint.format == "safetensors":
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
+            view = memoryview(out.numpy())[:nbytes]
+            got = 0
+            offset = info.offset + start * itemsize
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise SourceError(f"{self.checkpoint.path / info.file}: unexpected end of file in {info.name!r}")
+                got += n
+            return
+        state = self._bin.get(info.file)
+        if state is None:
+            state = self._bin[info.file] = _load_bin(self.checkpoint.path / info.file)
+        tensor = state[info.name]
+        flat = tensor.reshape(-1)[start : start + count]
+        out[:nbytes].view(tensor.dtype).copy_(flat)
+        if tensor.is_contiguous():
+            _release_pages(flat.data_ptr(), nbytes)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bin.clear()

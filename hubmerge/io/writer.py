@@ -1,0 +1,173 @@
+"""Streaming safetensors writer and all-or-nothing output folders.
+
+A shard's header is known before any tensor is computed (names, dtypes and shapes come from the
+source headers), so it is written first and tensor bytes are appended as they are produced: no shard
+is ever held in memory. Outputs are built in a hidden temporary folder beside the target and renamed
+into place at the end, so an interrupted or failed merge never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hubmerge.errors import OutputError
+from hubmerge.io.files import output_error
+
+TEMP_SUFFIX = ".hubmerge-partial"
+# Bytes of each output shard between write-behind steps (see WriteBehindShard).
+WRITE_BEHIND_BYTES = 32 * 2**20
+
+
+def safetensors_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """Serialise a safetensors header for ``(name, dtype, shape, nbytes)`` entries laid out in order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Appends tensor bytes to a safetensors file whose header is already written, hashing as it goes."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+        self.path = path
+        header = safetensors_header(entries, metadata)
+        self.expected = len(header) + sum(e[3] for e in entries)
+        self._sha = hashlib.sha256()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.written = 0
+        self.write(header)
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            self._file.write(view)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+        self._sha.update(view)
+        self.written += len(view)
+
+    def close(self) -> str:
+        """Flush and close; return the file's sha256. Refuses a shard whose size is not what the header says."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise output_error(self.path, e) from e
+        finally:
+            self._file.close()
+        if self.written != self.expected:
+            raise OutputError(
+                f"{self.path}: wrote {self.written} bytes, expected {self.expected}; output discarded", path=self.path
+            )
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
+
+
+class WriteBehindShard(ShardWriter):
+    """A shard writer that sends its pages to the disk as it goes and then drops them from the page cache.
+
+    A sweep writes many outputs at once (13 GB for T = 16, W = {2, 4, 8} at 177M parameters). Left to the
+    kernel, that much dirty page cache throttles the writer and evicts the sources the pass is still
+    reading: measured on a 2-core VM, the writer thread spent 38.6 s of CPU on 13 GB, against 14.8 s with
+    this. Every ``WRITE_BEHIND_BYTES`` it starts write-back of the new range, waits for the previous
+    range and drops it (the pattern of ``sync_file_range(2)``'s notes). The bytes written do not change.
+    """
+
+    _synced = 0
+    _pending: tuple[int, int] | None = None
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        sync = _sync_file_range()
+        if sync is None or self.written - self._synced < WRITE_BEHIND_BYTES:
+            return
+        self._file.flush()
+        fd = self._file.fileno()
+        sync(fd, self._synced, self.written - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
+        if self._pending is not None:
+            sync(fd, *self._pending, 7)  # WAIT_BEFORE | WRITE | WAIT_AFTER
+            with contextlib.suppress(OSError):  # only advice: a file system may not take it
+                os.posix_fadvise(fd, *self._pending, os.POSIX_FADV_DONTNEED)
+        self._pending = (self._synced, self.written - self._synced)
+        self._synced = self.written
+
+
+class OutputDir:
+    """A hidden temporary folder beside ``target`` that becomes ``target`` only on :meth:`commit`.
+
+    Used as a context manager: leaving the block without committing (an exception, Ctrl-C) removes the
+    temporary folder. A process killed outright leaves only a hidden ``.NAME.*.hubmerge-partial``
+    folder, never ``target``; :func:`stale_partials` finds such leftovers.
+    """
+
+    def __init__(self, target: Path, force: bool = False) -> None:
+        self.target = target
+        self.force = force
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.force:
+            raise OutputError(f"{self.target} already exists; pass --force to replace it", path=self.target)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(
+                tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=TEMP_SUFFIX, dir=self.target.parent)
+            )
+        except OSError as e:
+            raise output_error(self.target.parent, e) from e
+        return self.path
+
+    def commit(self) -> None:
+        """Rename the finished folder into place (replacing the target when forced)."""
+        if self.path is None:
+            raise OutputError(f"{self.target}: nothing to commit (the output folder was not opened)", path=self.target)
+        old = None
+        if self.target.exists():
+            if not self.force:
+                raise OutputError(f"{self.target} appeared while merging; pass --force to replace it", path=self.target)
+            old = self.target.with_name(f".{self.target.name}.replaced{TEMP_SUFFIX}")
+            if old.exists():
+                shutil.rmtree(old)
+            self.target.rename(old)
+        os.replace(self.path, self.target)
+        self.path = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+def stale_partials(parent: Path) -> list[Path]:
+    """Temporary folders left by merges that were killed (not merely interrupted) in ``parent``."""
+    return sorted(p for p in parent.glob(f".*{TEMP_SUFFIX}") if p.is_dir())

@@ -1,0 +1,506 @@
+"""The one streaming executor: every output tensor from all sources, accumulated in float32, written as it goes.
+
+A merge is a sweep of one window. :func:`run_pass` reads each needed source once, tensor by tensor and chunk by
+chunk, and adds each chunk to the float32 accumulator of every window that contains that source; when a window's
+newest source has been added, its chunk is cast and appended to that window's shard. ``hubmerge merge`` runs it
+with one window over all sources (:func:`execute`), ``hubmerge sweep`` with every window of a pass
+(:mod:`hubmerge.merging.sweep`), so the two are bit-identical by construction.
+
+Three threads share the work so that reading overlaps arithmetic and writing:
+
+- a reader fills a small pool of byte buffers, one (tensor chunk, source) at a time, in plan order;
+- the calling thread converts each buffer to float32 in cache-sized blocks and accumulates it with the
+  source's weight in each open window (``acc = w0 * x0``, then ``acc += wi * xi``), then casts finished chunks
+  to the output dtype;
+- a writer appends finished chunks to their shards and hashes them.
+
+Large tensors are processed in chunks, so peak memory is a constant set of buffers: it grows neither with the
+number of sources nor with the model's size. The arithmetic is elementwise in a fixed order (source 0, 1, ...),
+so the result is bit-identical whatever the thread count, chunk or block size. One torch thread is the default:
+the loop is memory-bound and on small machines a second compute thread only competes with the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hubmerge.errors import HubmergeError, SourceError
+from hubmerge.io.checkpoint import ITEMSIZE, Checkpoint, CheckpointReader, SourceRef, TensorInfo, torch_dtype
+from hubmerge.io.env import torch_threads
+from hubmerge.io.files import sha256_file
+from hubmerge.io.progress import QUIET, Display, Reporter
+from hubmerge.io.provenance import write_provenance
+from hubmerge.io.writer import OutputDir, ShardWriter, WriteBehindShard
+from hubmerge.merging.plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan, TensorPlan, provenance
+
+if TYPE_CHECKING:
+    import torch
+
+_STOP = object()
+# A window's accumulator, the weight of the source being added, and whether it is the window's first source.
+Target = tuple["torch.Tensor", float, bool]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sources ``start .. start + size - 1`` of a trajectory, with their weights (oldest first)."""
+
+    start: int
+    size: int
+    name: str
+    weights: tuple[float, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size - 1
+
+    def contains(self, t: int) -> bool:
+        return self.start <= t <= self.end
+
+    def weight_of(self, t: int) -> float:
+        return self.weights[t - self.start]
+
+
+def needed_sources(windows: Iterable[Window]) -> list[int]:
+    """The sources a pass over ``windows`` reads, in order: the union of their spans."""
+    return sorted({t for w in windows for t in range(w.start, w.end + 1)})
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One read of the sources that finishes a batch of windows, each into its own output folder.
+
+    ``checkpoints``/``sources`` are the whole trajectory (window positions index them); ``plans`` give each
+    window's output (folder, shards, dtype), all with the same tensors in the same order (``tensors``).
+    ``write_buffers`` bounds the finished chunks queued for the writer; ``write_behind`` hands shards to the
+    disk as they grow (a sweep writes many outputs at once).
+    """
+
+    checkpoints: Sequence[Checkpoint]
+    sources: Sequence[SourceRef]
+    windows: Sequence[Window]
+    plans: dict[str, MergePlan]
+    tensors: Sequence[TensorPlan]
+    chunk_elems: int
+    block_elems: int
+    write_buffers: int = WRITE_BUFFERS
+    write_behind: bool = False
+    force: bool = False
+
+    @property
+    def in_itemsize(self) -> int:
+        return max(ITEMSIZE[t.dtype] for t in self.tensors_of_sources())
+
+    def tensors_of_sources(self) -> Iterator[TensorInfo]:
+        for t in needed_sources(self.windows):
+            yield from self.checkpoints[t].tensors.values()
+
+    @property
+    def out_itemsize(self) -> int:
+        return max(ITEMSIZE[t.out_dtype] for p in self.plans.values() for t in p.tensors)
+
+
+@dataclass
+class WindowFiles:
+    """A window the pass committed: its folder and every file's sha256."""
+
+    window: Window
+    path: Path
+    files: dict[str, str]
+
+
+@dataclass
+class MergeResult:
+    """A finished merge: where it is, every file's sha256, how long it took, what it read and wrote."""
+
+    output: Path
+    files: dict[str, str]  # file name -> sha256
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+
+class _Reader(threading.Thread):
+    """Reads ``(source index, tensor, first element, count)`` jobs into pooled buffers, in the order they are used.
+
+    ``bytes_read`` counts what was actually read, so callers (and tests) can check that the work shared by
+    a sweep really reads each source once.
+    """
+
+    def __init__(
+        self, checkpoints: Sequence[Checkpoint], jobs: Iterable[tuple[int, TensorInfo, int, int]], buffers: list[Any]
+    ) -> None:
+        super().__init__(name="hubmerge-reader", daemon=True)
+        self.jobs = jobs
+        self.free: queue.Queue[Any] = queue.Queue()
+        for b in buffers:
+            self.free.put(b)
+        self.filled: queue.Queue[Any] = queue.Queue()
+        self.stop = threading.Event()
+        self.readers = [CheckpointReader(ck) for ck in checkpoints]
+        self.bytes_read = 0
+
+    def run(self) -> None:
+        try:
+            for s, info, start, count in self.jobs:
+                buf = self._get_free()
+                if buf is None:
+                    return
+                self.readers[s].read_into(info, start, count, buf)
+                self.bytes_read += count * ITEMSIZE[info.dtype]
+                self.filled.put(buf)
+        except BaseException as e:  # handed to the main thread, which raises it
+            self.filled.put(e)
+        finally:
+            for r in self.readers:
+                r.close()
+
+    def _get_free(self) -> Any:
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def next(self) -> Any:
+        item = self.filled.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class _Writer(threading.Thread):
+    """Writes finished chunks to shard files in order and returns buffers to the compute thread.
+
+    Messages name their shard by path, so several shards (one per sweep window) can be open at once.
+    """
+
+    def __init__(self, buffers: list[Any], shard_writer: type[ShardWriter] = ShardWriter) -> None:
+        super().__init__(name="hubmerge-writer", daemon=True)
+        self.free: queue.Queue[Any] = queue.Queue()
+        for b in buffers:
+            self.free.put(b)
+        self.todo: queue.Queue[Any] = queue.Queue()
+        self.shard_writer = shard_writer
+        self.hashes: dict[Path, str] = {}
+        self.error: BaseException | None = None
+        self._shards: dict[Path, ShardWriter] = {}
+
+    def run(self) -> None:
+        while (msg := self.todo.get()) is not _STOP:
+            if self.error is not None:
+                if msg[0] == "data":
+                    self.free.put(msg[2])
+                continue
+            try:
+                if msg[0] == "open":
+                    self._shards[msg[1]] = self.shard_writer(*msg[1:])
+                elif msg[0] == "data":
+                    self._shards[msg[1]].write(msg[2][: msg[3]].numpy())
+                    self.free.put(msg[2])
+                else:
+                    self.hashes[msg[1]] = self._shards.pop(msg[1]).close()
+            except BaseException as e:
+                self.error = e
+                if msg[0] == "data":
+                    self.free.put(msg[2])
+                self._abort()
+        self._abort()
+
+    def _abort(self) -> None:
+        for shard in self._shards.values():
+            shard.abort()
+        self._shards.clear()
+
+    def take(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.free.get()
+
+
+def accumulate_blocks(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> None:
+    """For each ``(acc, weight, first)``: ``acc = w * src`` or ``acc += w * src``, in float32, block by block.
+
+    The source is converted to float32 once per cache-sized block (into ``tmp``) and added to every
+    target while the block is in cache: a merge has one target, a sweep one per open window. The
+    operations, and so the rounding, are the same whatever the number of targets.
+    """
+    import torch
+
+    count = src.numel()
+    is_f32 = src.dtype == torch.float32
+    for b0 in range(0, count, block):
+        b1 = min(count, b0 + block)
+        # fp16/bf16 -> fp32 conversion runs vectorised into a cache-resident block
+        x = src[b0:b1] if is_f32 else tmp[: b1 - b0].copy_(src[b0:b1])
+        for acc, weight, first in targets:
+            a = acc[b0:b1]
+            if first:
+                a.copy_(x)
+                a.mul_(weight)
+            else:
+                a.add_(x, alpha=weight)
+
+
+def accumulate_on_device(src: torch.Tensor, targets: list[Target]) -> None:
+    """The accelerator's form of :func:`accumulate_blocks`: the chunk is moved and converted once, then added to
+    each target where it lives (``acc = w * x`` or ``acc += w * x``, the same float32 operations)."""
+    import torch
+
+    x = src.to(targets[0][0].device, non_blocking=False).to(torch.float32)
+    for acc, weight, first in targets:
+        if first:
+            torch.mul(x, weight, out=acc)
+        else:
+            acc.add_(x, alpha=weight)
+
+
+def accumulate(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> None:
+    """Add one source chunk to every target: cache-blocked on the CPU, whole-chunk on an accelerator."""
+    if targets and targets[0][0].device.type != "cpu":
+        accumulate_on_device(src, targets)
+    else:
+        accumulate_blocks(src, targets, tmp, block)
+
+
+def read_jobs(
+    tensors: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], sources: Iterable[int], chunk: int
+) -> Iterator[tuple[int, TensorInfo, int, int]]:
+    """What the reader reads, in the order the compute loop consumes it: tensor, chunk, then source."""
+    sources = list(sources)
+    for t in tensors:
+        for start in range(0, max(t.numel, 1), chunk):
+            count = min(chunk, t.numel - start)
+            for s in sources:
+                yield s, checkpoints[s].tensors[t.name], start, count
+
+
+class _Shards:
+    """Opens and closes each window's shards as the pass walks the (shared) tensor order."""
+
+    def __init__(self, p: Pass, folders: dict[str, Path], writer: _Writer) -> None:
+        self.writer = writer
+        self.current: dict[str, Path] = {}
+        self.starts: dict[str, dict[str, tuple[Path, list[Any]]]] = {}
+        for w in p.windows:
+            self.starts[w.name] = {
+                shard.tensors[0].name: (
+                    folders[w.name] / shard.file,
+                    [(t.name, t.out_dtype, t.shape, t.out_nbytes) for t in shard.tensors],
+                )
+                for shard in p.plans[w.name].shards
+            }
+
+    def begin_tensor(self, name: str) -> None:
+        for wname, starts in self.starts.items():
+            if name in starts:
+                if wname in self.current:
+                    self.writer.todo.put(("close", self.current[wname]))
+                path, entries = starts[name]
+                self.writer.todo.put(("open", path, entries, {"format": "pt"}))
+                self.current[wname] = path
+
+    def close_all(self) -> None:
+        for path in self.current.values():
+            self.writer.todo.put(("close", path))
+        self.current.clear()
+
+
+def _stream(
+    p: Pass,
+    folders: dict[str, Path],
+    reader: _Reader,
+    writer: _Writer,
+    accs: list[torch.Tensor],
+    tmp: torch.Tensor,
+    bar: Reporter,
+    describe: Callable[[int], str] | None,
+) -> None:
+    """The compute loop: tensors in order, chunks in order, each needed source once per chunk."""
+    import torch
+
+    sources = needed_sources(p.windows)
+    members = {t: [w for w in p.windows if w.contains(t)] for t in sources}
+    out_plans = {w.name: {t.name: t for t in p.plans[w.name].tensors} for w in p.windows}
+    shards = _Shards(p, folders, writer)
+    chunk = p.chunk_elems
+    for done, tensor in enumerate(p.tensors, 1):
+        shards.begin_tensor(tensor.name)
+        for start in range(0, max(tensor.numel, 1), chunk):
+            count = min(chunk, tensor.numel - start)
+            free, held = list(accs), {}
+            prev: tuple[int, Any] | None = None
+            for t in sources:
+                buf = reader.next()
+                info = p.checkpoints[t].tensors[tensor.name]
+                nbytes = count * ITEMSIZE[info.dtype]
+                if tensor.floating:
+                    for w in members[t]:
+                        if w.start == t:
+                            held[w.name] = free.pop()
+                    targets = [(held[w.name][:count], w.weight_of(t), w.start == t) for w in members[t]]
+                    accumulate(buf[:nbytes].view(torch_dtype(info.dtype)), targets, tmp, p.block_elems)
+                    reader.free.put(buf)
+                    for w in members[t]:
+                        if w.end == t:
+                            acc = held.pop(w.name)
+                            out_dtype = out_plans[w.name][tensor.name].out_dtype
+                            out = writer.take()
+                            out_nbytes = count * ITEMSIZE[out_dtype]
+                            out[:out_nbytes].view(torch_dtype(out_dtype)).copy_(acc[:count])
+                            writer.todo.put(("data", shards.current[w.name], out, out_nbytes))
+                            free.append(acc)
+                else:
+                    if prev is not None:
+                        prev_t, prev_buf = prev
+                        if any(w.contains(prev_t) for w in members[t]) and not torch.equal(
+                            prev_buf[:nbytes], buf[:nbytes]
+                        ):
+                            raise SourceError(
+                                f"non-floating tensor {tensor.name!r} differs between "
+                                f"{p.sources[prev_t].describe()} and {p.sources[t].describe()}; integer and "
+                                "boolean buffers must be identical in every source of a merge",
+                                path=p.sources[t].path,
+                                tensor=tensor.name,
+                            )
+                        reader.free.put(prev_buf)
+                    for w in members[t]:
+                        if w.end == t:
+                            out = writer.take()
+                            out[:nbytes].copy_(buf[:nbytes])
+                            writer.todo.put(("data", shards.current[w.name], out, nbytes))
+                    prev = (t, buf)
+                bar.advance(nbytes)
+            if prev is not None:
+                reader.free.put(prev[1])
+        if describe is not None:
+            bar.update(description=describe(done))
+    shards.close_all()
+
+
+def _write_index(plan: MergePlan, folder: Path) -> None:
+    if len(plan.shards) == 1:
+        return
+    index = {
+        "metadata": {"total_size": plan.bytes_written},
+        "weight_map": {t.name: s.file for s in plan.shards for t in s.tensors},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _finish_sidecars(plan: MergePlan, folder: Path) -> None:
+    newest = plan.checkpoints[-1].path
+    for name in plan.sidecar_files:
+        shutil.copyfile(newest / name, folder / name)
+    config = folder / "config.json"
+    if plan.out_dtype and config.is_file():
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in data:
+                data[key] = plan.out_dtype
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def finish_output(plan: MergePlan, folder: Path, shard_hashes: dict[str, str]) -> dict[str, str]:
+    """Write the index, sidecar files and ``hubmerge.json`` next to finished shards; return every file's hash."""
+    files = dict(shard_hashes)
+    _write_index(plan, folder)
+    _finish_sidecars(plan, folder)
+    for p in sorted(folder.iterdir()):
+        if p.name not in files:
+            files[p.name] = sha256_file(p)
+    write_provenance(folder, provenance(plan, files))
+    return files
+
+
+def run_pass(
+    p: Pass, accs: list[torch.Tensor], bar: Reporter, describe: Callable[[int], str] | None = None
+) -> tuple[list[WindowFiles], int]:
+    """Read the sources ``p`` needs once and commit every window of it; return them and the bytes read.
+
+    ``accs`` are float32 chunk accumulators, at least as many as windows open at once, on the device the
+    arithmetic runs on. Each window is built in a hidden folder and renamed into place only when every one of
+    the pass's windows is complete; an error or interruption leaves none of them.
+    """
+    import torch
+
+    chunk = p.chunk_elems
+    read_buffers = [torch.empty(chunk * p.in_itemsize, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
+    write_buffers = [torch.empty(chunk * p.out_itemsize, dtype=torch.uint8) for _ in range(p.write_buffers)]
+    tmp = torch.empty(min(chunk, p.block_elems), dtype=torch.float32)
+    with ExitStack() as stack:
+        dirs = {w.name: OutputDir(p.plans[w.name].output, force=p.force) for w in p.windows}
+        folders = {name: stack.enter_context(d) for name, d in dirs.items()}
+        jobs = read_jobs(p.tensors, p.checkpoints, needed_sources(p.windows), chunk)
+        reader = _Reader(p.checkpoints, jobs, read_buffers)
+        writer = _Writer(write_buffers, WriteBehindShard if p.write_behind else ShardWriter)
+        reader.start()
+        writer.start()
+        try:
+            _stream(p, folders, reader, writer, accs, tmp, bar, describe)
+        finally:
+            reader.stop.set()
+            writer.todo.put(_STOP)
+            writer.join()
+        if writer.error is not None:
+            raise writer.error
+        outputs = []
+        for w in p.windows:
+            plan, folder = p.plans[w.name], folders[w.name]
+            hashes = {path.name: h for path, h in writer.hashes.items() if path.parent == folder}
+            files = finish_output(plan, folder, hashes)
+            dirs[w.name].commit()
+            outputs.append(WindowFiles(w, plan.output, files))
+        return outputs, reader.bytes_read
+
+
+def check_device(device: str) -> Any:
+    """The torch device to accumulate on; one that torch cannot use is a one-line error, not a traceback."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise HubmergeError(f"--device {device}: not a device torch knows; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HubmergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise HubmergeError(f"--device {device}: hubmerge accumulates on cpu or cuda")
+    return dev
+
+
+def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, threads: int = 1) -> MergeResult:
+    """Carry out a plan as a pass of one window; the output appears at ``plan.output`` only if every step succeeded."""
+    import torch
+
+    began = time.perf_counter()
+    device = check_device(plan.device)
+    n = len(plan.sources)
+    window = Window(0, n, plan.output.name, tuple(plan.weights))
+    p = Pass(
+        plan.checkpoints,
+        plan.sources,
+        [window],
+        {window.name: plan},
+        plan.tensors,
+        plan.chunk_elems,
+        BLOCK_ELEMS,
+        force=force,
+    )
+    with torch_threads(threads):
+        accs = [torch.empty(plan.chunk_elems, dtype=torch.float32, device=device)]
+        description = f"merging {n} checkpoints"
+        total = len(plan.tensors)
+        with display.bytes(description, plan.bytes_read) as bar:
+            (done,), _ = run_pass(p, accs, bar, describe=lambda k: f"{description}: {k}/{total} tensors")
+    return MergeResult(plan.output, done.files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)

@@ -1,0 +1,690 @@
+"""The stability model card: a README.md for a merged folder that shows what was merged and the evidence for it.
+
+A card is built from two things: the folder's ``hubmerge.json`` (sources with their commits and weights, the
+recipe, method, dtype, file hashes) and, optionally, a :class:`CardEvidence` (scores of the merged model, of each
+source and of the sources' ensemble; instability before and after; a plot). :func:`evidence_from_store` fills the
+evidence from a results store.
+
+What the card promises:
+
+- Front matter the Hub understands (``base_model``, ``tags``, ``library_name``, ``license``, ``model-index``),
+  built with :class:`huggingface_hub.ModelCardData` and parsed back with :class:`huggingface_hub.ModelCard` before
+  anything is written, so a card the client cannot read is never saved.
+- The same inputs give the same bytes: no dates, no timings, no host names. The card lists the merge's own file
+  hashes but not its own (README.md, recipe.yaml and the plot are left out), so rewriting it is a fixed point.
+- It reproduces: the recipe is saved next to it as ``recipe.yaml`` (the file the merge read, when it still parses
+  to what ``hubmerge.json`` recorded, else the recorded mapping as YAML) and ``hubmerge merge recipe.yaml`` is the
+  command shown. The user's home folder is written as ``~`` (hubmerge expands it), Hub sources are shown as
+  ``repo@revision`` with their commit, and anything that looks like a Hugging Face token is masked.
+- ``hubmerge.json`` stays true: it lists every file of the folder with its sha256 (``hubmerge sweep`` resumes
+  only windows whose files all match), so after writing the card its ``files`` gain README.md, recipe.yaml and the
+  plot, rewritten atomically like every file written here.
+
+"Stability after". Before is the raw trajectory: MTV, instability score and flip rate along the sources in
+training order (:mod:`hubmerge.stability.metrics`). A single merge is one model, not a trajectory, so it has no
+MTV of its own; the honest "after" is the same metrics along a series of windowed averages (the sweep's averaged
+models, in order), which :func:`evidence_from_store` computes when given ``averaged=``. Without that series the
+"after" columns are left out and the card instead says where the merged model sits relative to its window: the
+window's mean, standard deviation and range of the score, the merged score minus that mean, and the share of
+answers and of correctness that differ between the newest source and the merged model (what switching from the
+last checkpoint to the merge changes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hubmerge.errors import HubmergeError, StoreError
+from hubmerge.io.files import atomic_write, sha256_file
+from hubmerge.io.provenance import PROVENANCE_FILE, read_provenance, write_provenance
+from hubmerge.results.keys import model_key, weight_hashes_of_folder
+from hubmerge.results.store import ResultsStore
+from hubmerge.stability.metrics import flip_rate, instability_score, mean_total_variation
+from hubmerge.stability.plots import plot_scores
+from hubmerge.stability.report import StabilityReport
+from hubmerge.stability.series import choice_series
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+README = "README.md"
+RECIPE = "recipe.yaml"
+PLOT_STEM = "stability"
+PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp")
+TAGS = ["merge", "checkpoint-averaging", "hubmerge"]
+PAPER = "https://arxiv.org/abs/2510.04848"
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # HF user tokens: "hf_" and 34 letters or digits
+
+# evidence.stability keys, in table order, with their column headers and what the card says each one means
+STABILITY_COLUMNS: dict[str, tuple[str, str]] = {
+    "mtv_before": ("MTV before", "task-level mean total variation along the sources, 1/(m-1) Σ |s(θt+1) - s(θt)|"),
+    "mtv_after": ("MTV after", "the same along the series of windowed weight averages"),
+    "is_before": ("IS before", "instability score: share of examples whose predicted answer changes per step"),
+    "is_after": ("IS after", "the same along the averaged series"),
+    "flip_before": ("flip rate before", "share of examples whose correctness flips per step (example-level MTV)"),
+    "flip_after": ("flip rate after", "the same along the averaged series"),
+    "window_mean": ("window mean", "mean score of the merged sources"),
+    "window_std": ("window std", "population standard deviation of the sources' scores"),
+    "window_range": ("window range", "max - min of the sources' scores"),
+    "merged_minus_mean": ("merged − mean", "the merged model's score minus the window mean"),
+    "is_vs_newest": ("answers changed vs newest", "share of examples whose answer differs: newest source vs merge"),
+    "flip_vs_newest": ("correctness flips vs newest", "share of examples whose correctness differs: newest vs merge"),
+}
+_METRIC_NAMES = {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)"}
+AFTER_KEYS = ("mtv_after", "is_after", "flip_after")
+SIGNED = ("merged_minus_mean",)
+TRAJECTORY_KEYS = ("mtv_before", "mtv_after", "is_before", "is_after", "flip_before", "flip_after")
+WINDOW_KEYS = ("window_mean", "window_std", "window_range", "merged_minus_mean", "is_vs_newest", "flip_vs_newest")
+
+
+@dataclass
+class CardEvidence:
+    """Everything the card shows besides ``hubmerge.json``; every field is optional.
+
+    ``scores[task]`` maps ``"merged"`` and each source's label (:func:`source_labels`) to the score shown, which is
+    ``metric[task]`` (``acc`` when absent). ``stability[task]`` holds any of :data:`STABILITY_COLUMNS` (None or NaN
+    where undefined); ``after_description`` says what the "after" series was. ``plot`` is an image copied into the
+    folder as ``stability.<ext>``; ``task_sources`` says where each task's data came from.
+    """
+
+    scores: dict[str, dict[str, float]]
+    metric: dict[str, str]
+    ensemble: dict[str, float] | None = None
+    stability: dict[str, dict[str, float]] | None = None
+    plot: Path | None = None
+    n_examples: dict[str, int] | None = None
+    task_sources: dict[str, str] | None = None
+    after_description: str | None = None
+
+
+@dataclass(frozen=True)
+class MethodText:
+    """How the card names the merge method: the first sentence's ``phrase`` ("A uniform average") and the
+    ``description`` beside the sources table. The merging engine's method registry provides both."""
+
+    phrase: str
+    description: str
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def source_labels(prov: Mapping[str, Any]) -> list[str]:
+    """How each source is named in tables and ``CardEvidence.scores``: its revision (Hub) or folder name (local).
+
+    Repeated names get ``#2``, ``#3``... so that every source has its own row.
+    """
+    labels: list[str] = []
+    for s in prov["sources"]:
+        base = str(s.get("revision") or (s.get("commit") or "")[:12]) if s.get("repo") else Path(s["path"]).name
+        label, n = base, 1
+        while label in labels:
+            n += 1
+            label = f"{base}#{n}"
+        labels.append(label)
+    return labels
+
+
+def redact(text: str) -> str:
+    """Home folder as ``~`` (hubmerge expands it in recipes) and anything shaped like an HF token masked."""
+    home = str(Path.home())
+    if len(home) > 1:
+        text = re.sub(re.escape(home) + r"(?![\w.-])", "~", text)
+    return _TOKEN.sub("hf_***", text)
+
+
+def _display_path(path: str, folder: Path) -> str:
+    """A local source as the reader of the repo can place it: relative to the card when it is a neighbour."""
+    p = Path(path)
+    try:
+        p.relative_to(folder.resolve().parent)
+        return os.path.relpath(p, folder.resolve())
+    except ValueError:
+        return redact(str(p))
+
+
+def _recipe_text(prov: Mapping[str, Any], text: str | None = None) -> str:
+    """The recipe as the user wrote it, if it says what the merge recorded; else the recorded mapping as YAML.
+
+    ``text`` is the recipe file's content as the merge read it; without it the file named in ``hubmerge.json``
+    is read (``hubmerge card`` long after the merge), and used only if it still parses to what was recorded.
+    """
+    import yaml
+
+    recorded = prov.get("recipe") or {}
+    where = prov.get("recipe_file")
+    if text is None and where:
+        try:
+            text = Path(where).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+    if text is not None:
+        try:
+            if yaml.safe_load(text) == recorded:
+                return redact(text if text.endswith("\n") else text + "\n")
+        except yaml.YAMLError:
+            pass
+    return redact(yaml.safe_dump(recorded, sort_keys=False, allow_unicode=True))
+
+
+def _front_matter(path: Path) -> dict[str, Any]:
+    from huggingface_hub import metadata_load
+
+    try:
+        data = metadata_load(path)
+    except Exception:  # an unreadable card is no licence information
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def source_license(prov: Mapping[str, Any]) -> dict[str, str]:
+    """``license`` (and ``license_name``/``license_link`` for ``other``) of the newest source, if it says one.
+
+    Read from its README.md front matter, else from its config.json; empty when neither is on disk (``hubmerge
+    pull`` fetches weights and configs, not cards: pass ``license=`` for Hub sources).
+    """
+    newest = Path(prov["sources"][-1].get("path") or "")
+    meta = _front_matter(newest / README) if (newest / README).is_file() else {}
+    if not isinstance(meta.get("license"), str):
+        try:
+            config = json.loads((newest / "config.json").read_text(encoding="utf-8"))
+            meta = config if isinstance(config, dict) else {}
+        except (OSError, ValueError):
+            meta = {}
+    keys = ("license", "license_name", "license_link")
+    return {k: meta[k] for k in keys if isinstance(meta.get(k), str) and meta[k]} if "license" in meta else {}
+
+
+# --------------------------------------------------------------------------------------------- the card
+
+
+def _fmt(v: Any, digits: int = 4, *, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:{'+' if signed else ''}.{digits}f}" if isinstance(v, (float, int)) else str(v)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _describe_source(s: Mapping[str, Any], folder: Path) -> str:
+    if s.get("repo"):
+        return f"{s['repo']}@{s.get('revision') or '?'}"
+    return _display_path(s["path"], folder)
+
+
+def _merged_section(prov: Mapping[str, Any], folder: Path, labels: list[str], method: MethodText) -> list[str]:
+    rows = []
+    for i, (s, label) in enumerate(zip(prov["sources"], labels, strict=True)):
+        commit = f"`{s['commit']}`" if s.get("commit") else "— (local folder)"
+        rows.append([str(i + 1), label, _describe_source(s, folder), commit, f"{float(s.get('weight', 0)):.6g}"])
+    out = ["## What was merged", ""]
+    out += _table(["#", "label", "checkpoint", "commit", "weight"], rows)
+    out += ["", f"Sources are listed oldest to newest. Method: {method.description}."]
+    dtype = prov.get("dtype")
+    out.append(f"Output dtype: `{dtype}`." if dtype else "Output dtype: that of the sources (accumulated in float32).")
+    integrity = prov.get("integrity")
+    if isinstance(integrity, dict):
+        dropped = integrity.get("dropped") or []
+        left = ", ".join(str(d.get("revision", d)) if isinstance(d, dict) else str(d) for d in dropped) or "none"
+        out.append(
+            f"Integrity check: {integrity.get('checked', 'run')}; policy `{integrity.get('policy')}`; "
+            f"revisions left out: {left}."
+        )
+    files = {k: v for k, v in sorted((prov.get("files") or {}).items()) if not _is_card_file(k)}
+    if files:
+        out += ["", "Files written by the merge (sha256, as in `hubmerge.json`):", ""]
+        out += _table(["file", "sha256"], [[name, f"`{digest}`"] for name, digest in files.items()])
+    return out
+
+
+def _is_card_file(name: str) -> bool:
+    return name in (README, RECIPE) or (Path(name).stem == PLOT_STEM and Path(name).suffix in PLOT_SUFFIXES)
+
+
+def _how_section(prov: Mapping[str, Any], recipe: str) -> list[str]:
+    out = ["## How it was made", "", f"The recipe, verbatim (saved next to this card as [`{RECIPE}`]({RECIPE})):"]
+    out += ["", "```yaml", recipe.rstrip("\n"), "```"]
+    recipe_data = prov.get("recipe") or {}
+    sources = recipe_data.get("sources")
+    if isinstance(sources, dict) and "select" in sources:
+        pinned = ", ".join(str(s.get("revision")) for s in prov["sources"])
+        out += [
+            "",
+            f"The selector chose these revisions when the merge ran; to pin them, replace `select:` with "
+            f"`revisions: [{pinned}]`. Branches can move: the commits above are what was read.",
+        ]
+    out += ["", f"Made with hubmerge {prov.get('hubmerge_version', '')}".rstrip() + "."]
+    return out
+
+
+def _row_labels(evidence: CardEvidence, labels: list[str]) -> list[str]:
+    seen = dict.fromkeys(["merged", *labels])
+    for by_model in evidence.scores.values():
+        for k in by_model:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _evaluation_section(evidence: CardEvidence, labels: list[str], n_sources: int) -> list[str]:
+    tasks = list(evidence.scores)
+    header = ["model", *[f"{t} ({evidence.metric.get(t, 'acc')})" for t in tasks]]
+    rows = []
+    for label in _row_labels(evidence, labels):
+        if label not in labels and label != "merged" and all(evidence.scores[t].get(label) is None for t in tasks):
+            continue
+        name = "**merged (this model)**" if label == "merged" else label
+        rows.append([name, *[_fmt(evidence.scores[t].get(label)) for t in tasks]])
+    if evidence.ensemble:
+        ens = f"ensemble of the {n_sources} sources (probability averaging)"
+        rows.append([ens, *[_fmt(evidence.ensemble.get(t)) for t in tasks]])
+    out = ["## Evaluation", "", "Accuracy per task (share of examples answered correctly):", ""]
+    out += _table(header, rows)
+    out += [
+        "",
+        "`acc` picks the choice with the highest log-likelihood, `acc_norm` the highest log-likelihood per "
+        "character, as lm-evaluation-harness does. The ensemble averages the sources' choice probabilities "
+        "(an output ensemble: it needs every source at inference; the merged model is one model).",
+    ]
+    details = []
+    for t in tasks:
+        bits = []
+        if evidence.n_examples and evidence.n_examples.get(t) is not None:
+            bits.append(f"{evidence.n_examples[t]} examples")
+        if evidence.task_sources and evidence.task_sources.get(t):
+            bits.append(f"data: `{redact(evidence.task_sources[t])}`")
+        if bits:
+            details.append(f"- `{t}`: {', '.join(bits)}")
+    if details:
+        out += ["", *details]
+    return out
+
+
+def _stability_section(evidence: CardEvidence, plot_name: str | None) -> list[str]:
+    out = ["## Stability", ""]
+    stab = evidence.stability or {}
+    trajectory = [k for k in TRAJECTORY_KEYS if any(_present(v.get(k)) for v in stab.values())]
+    window = [k for k in WINDOW_KEYS if any(_present(v.get(k)) for v in stab.values())]
+    for keys, intro in (
+        (
+            trajectory,
+            "Along the trajectory (per step = between consecutive models of the series, averaged over steps):",
+        ),
+        (window, "The merged model in its window (the sources it averages):"),
+    ):
+        if not keys:
+            continue
+        rows = [
+            [t, evidence.metric.get(t, "acc"), *[_fmt(stab[t].get(k), signed=k in SIGNED) for k in keys]] for t in stab
+        ]
+        out += [intro, "", *_table(["task", "score", *[STABILITY_COLUMNS[k][0] for k in keys]], rows), ""]
+        out += [f"- **{STABILITY_COLUMNS[k][0]}**: {STABILITY_COLUMNS[k][1]}." for k in keys]
+        if keys is trajectory and any(k in keys for k in AFTER_KEYS):
+            what = evidence.after_description or "windowed weight averages of the trajectory, in training order"
+            out.append(f"- *After* series: {what}.")
+        elif keys is trajectory:
+            out.append(
+                "- No *after* columns: this merge is one model, not a trajectory, so it has no MTV of its own; "
+                "evaluate the windowed averages along the trajectory (`hubmerge sweep`) to measure it."
+                + (
+                    " The next table says where the merged model sits among the checkpoints it averages."
+                    if window
+                    else ""
+                )
+            )
+        out += ["- — marks a value that is undefined (a single source: nothing moved) or was not measured.", ""]
+    if not trajectory and not window:
+        out += ["No instability figures were computed for this card.", ""]
+    if plot_name:
+        out += [f"![Scores and instability along the trajectory]({plot_name})", ""]
+    return out[:-1]
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _reproduce_section(
+    prov: Mapping[str, Any], folder: Path, evidence: CardEvidence | None, command: str | None
+) -> list[str]:
+    lines = [f"hubmerge merge {RECIPE}"]
+    if command:
+        lines.append(redact(command))
+    elif evidence is not None and evidence.scores:
+        targets = ["."]
+        hub = [s for s in prov["sources"] if s.get("repo")]
+        if hub:
+            revisions = ", ".join(str(s.get("revision")) for s in hub)
+            targets.append(f"{hub[0]['repo']} --select '{{revisions: [{revisions}]}}'")
+        targets += [_display_path(s["path"], folder) for s in prov["sources"] if not s.get("repo")]
+        lines.append(f"hubmerge eval {' '.join(targets)} --tasks {','.join(evidence.scores)}")
+    out = ["## Reproduce", "", "From a clone of this repository:", "", "```bash", *lines, "```"]
+    out += [
+        "",
+        f"`{RECIPE}` writes to its `output.path` (pass `--force` to replace an existing folder). On CPU the merge "
+        "is deterministic, so the result's sha256 can be checked against the files listed above.",
+    ]
+    return out
+
+
+def build_card(
+    folder: str | Path,
+    evidence: CardEvidence | None = None,
+    *,
+    method: MethodText,
+    command: str | None = None,
+    license: str | None = None,
+    recipe_text: str | None = None,
+) -> ModelCard:
+    """The card of a merged folder, in memory; :func:`write_card` saves it with the files it links to.
+
+    ``method`` names the merge method (from the merging engine's registry); ``recipe_text`` is the recipe file as
+    the merge read it (default: read again from ``hubmerge.json``'s ``recipe_file``). ``command`` is how the
+    evidence was produced (shown under Reproduce; default: a ``hubmerge eval`` line for
+    the merged model, its sources and the tasks). ``license`` overrides the one read from the newest source.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    prov = read_provenance(folder)
+    labels = source_labels(prov)
+    name = str(prov.get("name") or folder.name)
+    repos = list(dict.fromkeys(s["repo"] for s in prov["sources"] if s.get("repo")))
+    lic = {"license": license} if license else source_license(prov)
+
+    results = []
+    for task, by_model in (evidence.scores if evidence else {}).items():
+        value = by_model.get("merged")
+        if _present(value):
+            metric = evidence.metric.get(task, "acc")  # type: ignore[union-attr]
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=task,
+                    dataset_name=task,
+                    metric_type=metric,
+                    metric_value=float(value),
+                    metric_name=_METRIC_NAMES.get(metric, metric),
+                )
+            )
+    data = ModelCardData(
+        base_model=(repos[0] if len(repos) == 1 else repos) or None,
+        library_name="transformers",
+        pipeline_tag=_pipeline_tag(folder),
+        tags=list(TAGS),
+        model_name=name if results else None,
+        eval_results=results or None,
+        **lic,
+    )
+    if repos:
+        data.base_model_relation = "merge"
+
+    plot_name = _plot_name(evidence.plot) if evidence and evidence.plot else None
+    n = len(prov["sources"])
+    span = f"{labels[0]} … {labels[-1]}" if n > 1 else labels[0]
+    origin = f" of `{repos[0]}`" if len(repos) == 1 else ""
+    body = [
+        f"# {name}",
+        "",
+        f"{method.phrase} of {n} pretraining "
+        f"checkpoint{'s' * (n > 1)}{origin} "
+        f"({span}), made with hubmerge. This card is generated from the merge's `{PROVENANCE_FILE}`"
+        + (" and the evaluation results." if evidence is not None and evidence.scores else "."),
+        "",
+        *_merged_section(prov, folder, labels, method),
+        "",
+        *_how_section(prov, _recipe_text(prov, recipe_text)),
+    ]
+    if evidence is not None and evidence.scores:
+        body += ["", *_evaluation_section(evidence, labels, n)]
+    if evidence is not None and (evidence.stability or plot_name):
+        body += ["", *_stability_section(evidence, plot_name)]
+    body += ["", *_reproduce_section(prov, folder, evidence, command)]
+    body += [
+        "",
+        "## Citation",
+        "",
+        f"Instability metrics follow Nishida, Isonuma & Oda (2025), *Instability in Downstream Task Performance "
+        f"During LLM Pretraining*, Findings of EMNLP 2025, [arXiv:2510.04848]({PAPER}).",
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
+    card = ModelCard(content)
+    if card.data.to_dict() != data.to_dict():  # the client must read back exactly what we meant
+        raise HubmergeError(f"{folder}: the card's metadata does not round-trip through huggingface_hub.ModelCard")
+    return card
+
+
+def _pipeline_tag(folder: Path) -> str | None:
+    """``text-generation`` when the merged config is a causal LM: the task the evaluation results are filed under."""
+    try:
+        archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "text-generation" if any(str(a).endswith("ForCausalLM") for a in archs) else None
+
+
+def _plot_name(plot: Path) -> str:
+    suffix = Path(plot).suffix.lower()
+    if suffix not in PLOT_SUFFIXES:
+        raise HubmergeError(f"{plot}: the card's plot must be an image ({', '.join(PLOT_SUFFIXES)})")
+    return f"{PLOT_STEM}{suffix}"
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_card(
+    folder: str | Path,
+    evidence: CardEvidence | None = None,
+    *,
+    method: MethodText,
+    command: str | None = None,
+    license: str | None = None,
+    recipe_text: str | None = None,
+) -> Path:
+    """Write README.md, recipe.yaml and the plot into the merged folder, then bring ``hubmerge.json``'s hashes up to
+    date; returns the README's path. Each file is replaced atomically; rerunning with the same inputs rewrites the
+    same bytes."""
+    folder = Path(folder)
+    card = build_card(folder, evidence, method=method, command=command, license=license, recipe_text=recipe_text)
+    prov = read_provenance(folder)
+    atomic_write(folder / RECIPE, _recipe_text(prov, recipe_text))
+    if evidence is not None and evidence.plot is not None:
+        plot = Path(evidence.plot)
+        if not plot.is_file():
+            raise HubmergeError(f"{plot}: the card's plot does not exist; draw it first (`hubmerge stability`)")
+        target = folder / _plot_name(plot)
+        if plot.resolve() != target.resolve():
+            atomic_write(target, plot.read_bytes())
+    readme = folder / README
+    atomic_write(readme, card.content)
+    prov = read_provenance(folder)
+    files = dict(prov.get("files") or {})
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and _is_card_file(p.name):
+            files[p.name] = sha256_file(p)
+    prov["files"] = dict(sorted(files.items()))
+    write_provenance(folder, prov)
+    return readme
+
+
+# --------------------------------------------------------------------------------------------- from the store
+
+
+def _source_key(s: Mapping[str, Any], models: list[dict[str, Any]]) -> str | None:
+    """The store's key of a source: the model registered with its repo and commit (or revision), else its hashes."""
+    if s.get("repo"):
+        for field in ("commit", "revision"):
+            if s.get(field):
+                hits = [m for m in models if m["repo"] == s["repo"] and m[field] == s[field]]
+                if hits:
+                    return hits[0]["model_key"]
+    path = s.get("path")
+    if path and Path(path).exists():
+        try:
+            key = model_key(weight_hashes_of_folder(path))
+        except HubmergeError:
+            return None
+        return key if any(m["model_key"] == key for m in models) else None
+    return None
+
+
+def _ref_key(ref: str | Path, models: list[dict[str, Any]]) -> str:
+    """A model of an averaged series: a key, a stored name, or a folder (hashed)."""
+    for m in models:
+        if str(ref) == m["model_key"] or str(ref) in (m["names"] or []):
+            return m["model_key"]
+    if Path(ref).is_dir():
+        key = model_key(weight_hashes_of_folder(ref))
+        if any(m["model_key"] == key for m in models):
+            return key
+    raise StoreError(f"averaged series: {ref} is neither a stored model (key or name) nor a folder of one")
+
+
+def _per_example(store: ResultsStore, keys: Sequence[str], task_key: str, metric: str) -> tuple[Any, Any, Any]:
+    """``(pred[m, n], correct[m, n], present[m, n])`` of models along one task, aligned by example id."""
+    series = choice_series(store, keys, task_key, metric=metric, union=True)
+    return series.pred, series.correct, series.present
+
+
+def _series_stability(
+    store: ResultsStore, keys: Sequence[str], scores: Sequence[float], task_key: str, metric: str, per_example: bool
+) -> tuple[float | None, float | None, float | None]:
+    """(MTV, IS, flip rate) along models in order; None where undefined or where per-example data does not apply."""
+    mtv = mean_total_variation(scores)
+    if not per_example:
+        return _num(mtv), None, None
+    pred, correct, present = _per_example(store, keys, task_key, metric)
+    return _num(mtv), _num(instability_score(pred, present)), _num(flip_rate(correct, present))
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def evidence_from_store(
+    folder: str | Path,
+    store: ResultsStore,
+    tasks: list[str] | None = None,
+    *,
+    metric: str | Mapping[str, str] = "acc",
+    averaged: Sequence[str | Path] | None = None,
+) -> CardEvidence:
+    """The card's evidence for a merged folder, read from a results store; no model runs.
+
+    The merged model is found by its weight hashes; each source by the model registered with its repo and commit
+    (Hub) or by its folder's hashes (local). ``tasks`` defaults to every scored task of the merged model (names or
+    task keys). ``metric`` is ``acc``/``acc_norm``, for all tasks or per task. ``averaged`` lists the models of a
+    windowed-average series in training order (store keys, names or folders): "after" is measured along it;
+    without it the card reports where the merge sits in its window (see the module docstring).
+    A source missing from the store leaves its cells, the ensemble and "before" empty rather than guessed.
+    """
+    folder = Path(folder)
+    prov = read_provenance(folder)
+    labels = source_labels(prov)
+    models = store.models()
+    merged = model_key(weight_hashes_of_folder(folder))
+    if not any(m["model_key"] == merged for m in models):
+        raise StoreError(
+            f"{folder}: the merged model has no results in {store.path}; evaluate it first "
+            f"(`hubmerge eval {folder} --tasks ...`)"
+        )
+    keys = [_source_key(s, models) for s in prov["sources"]]
+    after_keys = [_ref_key(r, models) for r in averaged] if averaged else None
+    rows = [s for s in store.scores(models=[merged]) if s.acc is not None]
+    if tasks is not None:
+        unknown = [t for t in tasks if not any(t in (s.task, s.task_key) for s in rows)]
+        if unknown:
+            have = ", ".join(sorted({s.task for s in rows})) or "none"
+            raise StoreError(f"{folder}: the merged model has no scores for {', '.join(unknown)} (it has: {have})")
+        rows = [s for s in rows if s.task in tasks or s.task_key in tasks]
+    by_name: dict[str, Any] = {}
+    for s in rows:  # a task whose data changed has two keys: show the one with more scored examples
+        if s.task not in by_name or s.n > by_name[s.task].n:
+            by_name[s.task] = s
+    rows = list(by_name.values())
+    known = {t["task_key"]: t for t in store.tasks()}
+    ev = CardEvidence(scores={}, metric={}, ensemble={}, stability={}, n_examples={}, task_sources={})
+    for row in rows:
+        name, tkey = row.task, row.task_key
+        m = metric if isinstance(metric, str) else metric.get(name, "acc")
+        if m not in ("acc", "acc_norm"):
+            raise StoreError(f"task {name}: the card shows acc or acc_norm, not {m!r}")
+        needed = list(dict.fromkeys([k for k in keys if k is not None] + (after_keys or [])))
+        by_key = {s.model_key: s for s in store.scores(task=tkey, models=needed)} if needed else {}
+        scores: dict[str, float] = {"merged": getattr(row, m)}
+        for label, k in zip(labels, keys, strict=True):
+            value = getattr(by_key[k], m) if k in by_key else None
+            if value is not None:
+                scores[label] = value
+        ev.scores[name] = scores
+        ev.metric[name] = m
+        ev.n_examples[name] = row.n  # type: ignore[index]
+        if known.get(tkey, {}).get("source"):
+            ev.task_sources[name] = str(known[tkey]["source"])  # type: ignore[index]
+        complete = all(k in by_key and getattr(by_key[k], m) is not None for k in keys)
+        per_example = row.kind in ("multiple_choice", "minimal_pairs")
+        stab: dict[str, float | None] = {}
+        if complete:
+            src_scores = [getattr(by_key[k], m) for k in keys]  # type: ignore[index]
+            if per_example:
+                e = store.ensemble(keys, tkey)  # type: ignore[arg-type]
+                ev.ensemble[name] = e["probability_norm" if m == "acc_norm" else "probability"]  # type: ignore[index]
+            found_keys: list[str] = keys  # type: ignore[assignment]
+            stab["mtv_before"], stab["is_before"], stab["flip_before"] = _series_stability(
+                store, found_keys, src_scores, tkey, m, per_example
+            )
+            arr = np.asarray(src_scores, dtype=np.float64)
+            stab["window_mean"] = float(arr.mean())
+            stab["window_std"] = float(arr.std()) if arr.size > 1 else None
+            stab["window_range"] = float(arr.max() - arr.min()) if arr.size > 1 else None
+            stab["merged_minus_mean"] = float(scores["merged"] - arr.mean())
+            if per_example:
+                pair = [found_keys[-1], merged]
+                _, stab["is_vs_newest"], stab["flip_vs_newest"] = _series_stability(
+                    store, pair, [src_scores[-1], scores["merged"]], tkey, m, True
+                )
+        if after_keys and all(k in by_key and getattr(by_key[k], m) is not None for k in after_keys):
+            after_scores = [getattr(by_key[k], m) for k in after_keys]
+            stab["mtv_after"], stab["is_after"], stab["flip_after"] = _series_stability(
+                store, after_keys, after_scores, tkey, m, per_example
+            )
+        ev.stability[name] = stab  # type: ignore[index, assignment]
+    if after_keys:
+        ev.after_description = f"{len(after_keys)} windowed weight averages along the trajectory, in training order"
+    return ev
+
+
+def window_plot(folder: Path, evidence: CardEvidence, out_dir: Path) -> Path | None:
+    """Each task's score along the merged window (the sources, oldest to newest), as a PNG in ``out_dir``."""
+    labels = source_labels(read_provenance(folder))
+    tasks = [t for t, by in evidence.scores.items() if all(lab in by for lab in labels)]
+    if len(labels) < 2 or not tasks:
+        return None
+    points = [(lab, i, {t: evidence.scores[t][lab] for t in tasks}) for i, lab in enumerate(labels)]
+    report = StabilityReport.build(points, metrics={t: evidence.metric.get(t, "acc") for t in tasks})
+    out = out_dir / "window"
+    paths = plot_scores(
+        report,
+        out,
+        tasks=tasks,
+        model=folder.name,
+        source="the merged window's checkpoints",
+        xscale="linear",
+        formats=("png",),
+    )
+    return paths[0]

@@ -1,0 +1,265 @@
+"""How unstable downstream scores are along a pretraining trajectory: pure numpy, no model, no I/O.
+
+The metrics follow Nishida, Isonuma & Oda, *Instability in Downstream Task Performance During LLM
+Pretraining* (Findings of EMNLP 2025, arXiv:2510.04848). For checkpoints θ_1..θ_m in training order (or the
+averaged / ensembled models built from windows of them, in the same order):
+
+- task-level mean total variation of a task score s:
+  ``MTV = 1/(m-1) · Σ_{t=1}^{m-1} |s(θ_{t+1}) - s(θ_t)|``;
+- example-level MTV of a per-example value v_i (correctness 0/1, or the gold choice's probability):
+  ``MTV_ex = 1/(m-1) · Σ_t mean_i |v_i(θ_{t+1}) - v_i(θ_t)|``. On 0/1 correctness this is the *flip rate*:
+  the share of examples whose correctness changes from one checkpoint to the next, averaged over the m-1 steps;
+- instability score, reference-free (gold labels are not used):
+  ``IS = 1/(m-1) · Σ_t (1 - sim(pred(θ_t), pred(θ_{t+1})))`` with sim = exact match of the predicted choice,
+  i.e. the share of examples whose answer changes. It also counts a switch between two wrong answers, which
+  the flip rate does not;
+- within each window of w consecutive points (windows start at 0, s, 2s, ... and end inside the series; a tail
+  shorter than w is not a window of its own): the mean score, the population standard deviation
+  ``sqrt(1/w · Σ (s_t - mean)^2)`` (the spread of the w scores observed, not an estimate of a wider
+  population, so ddof = 0), the range ``max - min``, and the worst drop ``max(0, max_t (s_t - s_{t+1}))``,
+  the largest fall from one point to the next (0 when the score never falls; ties go to the earliest).
+
+Edge cases, decided once for every function here:
+
+- m = 1: nothing moved, so MTV, IS, flip rate, standard deviation, range and worst drop are undefined and
+  returned as NaN (never 0, so that a single point cannot look "perfectly stable"); the report writes them as
+  an empty CSV cell and JSON ``null``. m = 0 raises.
+- NaN or infinite scores are refused with :class:`~hubmerge.errors.StabilityError` naming the checkpoint: a NaN
+  is a failed evaluation, and silently skipping it would shorten the trajectory without telling anyone.
+- Missing examples are marked explicitly with a ``present[m, n]`` mask (:func:`align_examples` builds it from
+  per-checkpoint dicts keyed by example id). Each consecutive pair (t, t+1) is averaged over the examples
+  present at both t and t+1 (pairwise, not the intersection over all checkpoints, which would drop an example
+  from every step because one checkpoint lacks it). A pair with no example in common is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hubmerge.errors import StabilityError
+from hubmerge.results.scores import softmax_choices  # the same softmax the probability ensemble uses
+
+CITATION = (
+    "Nishida, Isonuma & Oda (2025), Instability in Downstream Task Performance During LLM Pretraining, "
+    "Findings of EMNLP 2025, arXiv:2510.04848"
+)
+METRICS = ("mean", "mtv", "std", "range", "worst_drop", "flip_rate", "gold_prob_mtv", "instability_score")
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+
+def _where(labels: Sequence[str] | None, t: int) -> str:
+    return f"checkpoint {t} ({labels[t]})" if labels is not None and t < len(labels) else f"checkpoint {t}"
+
+
+def _array(values: Any, what: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise StabilityError(f"{what}: not a rectangular array of numbers ({e})") from e
+
+
+def score_series(
+    scores: Sequence[float] | np.ndarray, what: str = "scores", labels: Sequence[str] | None = None
+) -> np.ndarray:
+    """A 1-d float64 array of finite scores; NaN and inf refused with the checkpoint named."""
+    arr = _array(scores, what)
+    if arr.ndim != 1:
+        raise StabilityError(f"{what}: expected one score per checkpoint (1-d), got shape {arr.shape}")
+    if arr.size == 0:
+        raise StabilityError(f"{what}: no checkpoints; stability needs an ordered sequence of at least one score")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        t = int(np.argmax(bad))
+        raise StabilityError(
+            f"{what}: score {arr[t]} at {_where(labels, t)} is not a number; a NaN is a failed evaluation: "
+            "re-evaluate that checkpoint or leave it out of the trajectory"
+        )
+    return arr
+
+
+def _per_example(
+    values: Sequence[Sequence[float]] | np.ndarray, present: np.ndarray | None, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``values[m, n]`` and the ``present[m, n]`` mask; a NaN where an example is present is refused."""
+    arr = _array(values, what)
+    if arr.ndim != 2:
+        raise StabilityError(f"{what}: expected a 2-d array [checkpoints, examples], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise StabilityError(f"{what}: no checkpoints or no examples (shape {arr.shape})")
+    mask = np.ones(arr.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    if mask.shape != arr.shape:
+        raise StabilityError(f"{what}: present mask has shape {mask.shape} but values have shape {arr.shape}")
+    bad = mask & ~np.isfinite(arr)
+    if bad.any():
+        t, i = (int(x) for x in np.argwhere(bad)[0])
+        raise StabilityError(
+            f"{what}: value {arr[t, i]} at checkpoint {t}, example {i} is not a number; mark examples that a "
+            "checkpoint lacks with the present mask (align_examples builds it) instead of NaN"
+        )
+    return arr, mask
+
+
+def _pairwise_mean(changed: np.ndarray, mask: np.ndarray, what: str) -> float:
+    """1/(m-1) Σ_t mean over examples present at t and t+1 of ``changed[t]`` (``changed`` is [m-1, n])."""
+    m = mask.shape[0]
+    if m == 1:
+        return math.nan
+    both = mask[:-1] & mask[1:]
+    terms = []
+    for t in range(m - 1):
+        if not both[t].any():
+            raise StabilityError(
+                f"{what}: checkpoints {t} and {t + 1} have no example in common, so nothing can be compared; "
+                "check that both were evaluated on the same task data"
+            )
+        terms.append(changed[t][both[t]].mean())
+    return float(np.mean(terms))
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+
+def mean_total_variation(scores: Sequence[float] | np.ndarray, labels: Sequence[str] | None = None) -> float:
+    """Task-level MTV = 1/(m-1) Σ_t |s(θ_{t+1}) - s(θ_t)|; NaN for a single checkpoint."""
+    s = score_series(scores, labels=labels)
+    return float(np.mean(np.abs(np.diff(s)))) if s.size > 1 else math.nan
+
+
+def example_mean_total_variation(
+    values: Sequence[Sequence[float]] | np.ndarray, present: np.ndarray | None = None
+) -> float:
+    """Example-level MTV of ``values[m, n]`` (checkpoints × examples), pairwise over present examples."""
+    arr, mask = _per_example(values, present, "example values")
+    with np.errstate(invalid="ignore"):
+        changed = np.abs(np.diff(arr, axis=0))
+    return _pairwise_mean(changed, mask, "example values")
+
+
+def flip_rate(correct: Sequence[Sequence[float]] | np.ndarray, present: np.ndarray | None = None) -> float:
+    """Share of examples whose correctness flips between consecutive checkpoints: example-level MTV on 0/1."""
+    arr, mask = _per_example(correct, present, "correctness")
+    if not np.isin(arr[mask], (0.0, 1.0)).all():
+        raise StabilityError("correctness: expected 0 or 1 per example; pass gold-choice probabilities separately")
+    return example_mean_total_variation(arr, mask)
+
+
+def instability_score(pred: Sequence[Sequence[int]] | np.ndarray, present: np.ndarray | None = None) -> float:
+    """IS = 1/(m-1) Σ_t (1 - exact-match(pred_t, pred_{t+1})): share of examples whose predicted choice changes."""
+    arr, mask = _per_example(pred, present, "predictions")
+    if (arr[mask] != np.round(arr[mask])).any() or (arr[mask] < 0).any():
+        raise StabilityError("predictions: expected the predicted choice's index (an integer >= 0) per example")
+    return _pairwise_mean(arr[1:] != arr[:-1], mask, "predictions")
+
+
+def gold_probability(ll: np.ndarray, gold: Sequence[int] | np.ndarray) -> np.ndarray:
+    """p(gold) under the softmax over each example's choices of their log-likelihoods (NaN pads absent choices).
+
+    Equal log-likelihoods share the probability equally, so ties need no rule here.
+    """
+    p = softmax_choices(ll)
+    gold = np.asarray(gold, dtype=np.int64)
+    if gold.shape != (p.shape[0],):
+        raise StabilityError(f"gold: expected one index per example ({p.shape[0]}), got shape {gold.shape}")
+    rows = np.arange(len(gold))
+    if (gold < 0).any() or (gold >= p.shape[1]).any() or np.isnan(np.asarray(ll, dtype=np.float64)[rows, gold]).any():
+        raise StabilityError("gold: an index points outside its example's choices")
+    return p[rows, gold]
+
+
+def align_examples(
+    per_checkpoint: Sequence[Mapping[Hashable, float]],
+) -> tuple[list[Hashable], np.ndarray, np.ndarray]:
+    """``(ids, values[m, n], present[m, n])`` from one ``{example_id: value}`` dict per checkpoint.
+
+    Ids are the union over checkpoints, in first-seen order; an id a checkpoint lacks is marked absent.
+    """
+    ids: dict[Hashable, int] = {}
+    for d in per_checkpoint:
+        for k in d:
+            ids.setdefault(k, len(ids))
+    values = np.zeros((len(per_checkpoint), len(ids)), dtype=np.float64)
+    present = np.zeros(values.shape, dtype=bool)
+    for t, d in enumerate(per_checkpoint):
+        for k, v in d.items():
+            values[t, ids[k]] = v
+            present[t, ids[k]] = True
+    return list(ids), values, present
+
+
+def from_example_rows(rows: Sequence[Sequence[float | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(values[m, n], present[m, n])`` from one row per example holding its value at each checkpoint.
+
+    This is the orientation ``evaluate`` modules receive (a row per example); ``None`` marks a checkpoint that
+    lacks the example.
+    """
+    lengths = {len(r) for r in rows}
+    if len(lengths) > 1:
+        raise StabilityError(f"every example needs one value per checkpoint; rows have lengths {sorted(lengths)}")
+    if not rows or not lengths or 0 in lengths:
+        raise StabilityError("no examples or no checkpoints")
+    present = np.array([[v is not None for v in r] for r in rows], dtype=bool).T
+    values = np.array([[0.0 if v is None else v for v in r] for r in rows], dtype=np.float64).T
+    return values, present
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Score statistics of points ``start .. stop-1``; ``worst_drop_at`` is t of the worst fall t → t+1."""
+
+    start: int
+    stop: int
+    mean: float
+    std: float
+    range: float
+    worst_drop: float
+    worst_drop_at: int | None
+
+
+def worst_drop(scores: Sequence[float] | np.ndarray) -> tuple[float, int | None]:
+    """``(max(0, max_t s_t - s_{t+1}), t)``; ``(0.0, None)`` if the score never falls, NaN for one point."""
+    s = score_series(scores)
+    if s.size == 1:
+        return math.nan, None
+    falls = s[:-1] - s[1:]
+    t = int(np.argmax(falls))  # first maximum: ties go to the earliest fall
+    return (float(falls[t]), t) if falls[t] > 0 else (0.0, None)
+
+
+def window_stats(scores: Sequence[float] | np.ndarray, window: int | None = None, stride: int = 1) -> list[WindowStats]:
+    """Mean, population std, range and worst drop in each window of ``window`` points, starts 0, s, 2s, ...
+
+    ``window=None`` (or one longer than the series) is the whole series as a single window.
+    """
+    s = score_series(scores)
+    m = s.size
+    w = m if window is None else int(window)
+    if w < 2 and m > 1 or stride < 1:
+        raise StabilityError(
+            f"window {window}, stride {stride}: a window needs at least 2 points (one point has no spread) "
+            "and the stride at least 1"
+        )
+    w = min(w, m)
+    out = []
+    for start in range(0, m - w + 1, stride):
+        x = s[start : start + w]
+        drop, at = worst_drop(x)
+        spread = w > 1
+        out.append(
+            WindowStats(
+                start=start,
+                stop=start + w,
+                mean=float(x.mean()),
+                std=float(x.std()) if spread else math.nan,
+                range=float(x.max() - x.min()) if spread else math.nan,
+                worst_drop=drop,
+                worst_drop_at=None if at is None else start + at,
+            )
+        )
+    return out

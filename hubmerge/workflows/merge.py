@@ -1,0 +1,218 @@
+"""``hubmerge merge RECIPE``: select and check Hub sources, pull them, merge, evaluate, write the card, push.
+
+The recipe arrives parsed (a :class:`~hubmerge.merging.recipe.RecipeDocument`, read once); every stage below uses
+that object, so a recipe edited while a long merge runs changes nothing this merge does afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hubmerge.errors import InvalidValueError, RecipeError
+from hubmerge.hub.client import HubClient
+from hubmerge.hub.integrity import apply_policy, check
+from hubmerge.hub.pull import check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
+from hubmerge.hub.revisions import Revision, resolve_selection
+from hubmerge.io.progress import QUIET, Display
+from hubmerge.merging.executor import MergeResult, execute
+from hubmerge.merging.methods import normalised_weights
+from hubmerge.merging.plan import MergePlan, build_plan
+from hubmerge.merging.recipe import EvaluateConfig, HubSources, RecipeDocument, load_recipe
+
+if TYPE_CHECKING:
+    from hubmerge.evaluation.runner import EvalResult
+    from hubmerge.hub.push import PushResult
+
+
+@dataclass
+class MergeOutcome:
+    """Everything ``hubmerge merge`` did: the plan, the merged folder, and what the recipe asked for after it."""
+
+    plan: MergePlan
+    result: MergeResult
+    evaluation: EvalResult | None = None  # when the recipe has an evaluate: block
+    card: Path | None = None  # the model card (README.md) written after that evaluation
+    pushed: PushResult | None = None  # when the recipe's output.push uploaded the merge
+
+    @property
+    def output(self) -> Path:
+        return self.result.output
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self.result.files
+
+
+def kept_weights(doc: RecipeDocument, selected: list[Revision], kept: list[Revision]) -> list[float] | None:
+    """A Hub recipe's ``weights`` (one per selected revision) for the revisions the integrity check kept."""
+    weights = doc.recipe.weights
+    if weights is None:
+        return None
+    where = doc.where
+    if len(weights) != len(selected):
+        raise RecipeError(
+            f"{where}: field 'weights': {len(weights)} entries but the selector chose "
+            f"{len(selected)} revisions ({', '.join(r.name for r in selected)})",
+            field="weights",
+        )
+    names = {r.name for r in kept}
+    shares = [w for w, r in zip(weights, selected, strict=True) if r.name in names]
+    try:
+        normalised_weights(shares)
+    except InvalidValueError:
+        dropped = [r.name for r in selected if r.name not in names]
+        policy = doc.recipe.sources.on_anomaly if isinstance(doc.recipe.sources, HubSources) else "refuse"
+        raise RecipeError(
+            f"{where}: field 'weights': the revisions kept after the integrity check "
+            f"({', '.join(r.name for r in kept)}) have weights {shares}, which sum to zero once "
+            f"{', '.join(dropped)} {'was' if len(dropped) == 1 else 'were'} dropped (sources.on_anomaly: "
+            f"{policy}); give the kept revisions a share, or select others",
+            field="weights",
+        ) from None
+    return shares
+
+
+def plan_merge(
+    doc: RecipeDocument,
+    client: HubClient | None = None,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    display: Display = QUIET,
+) -> MergePlan:
+    """The plan of a recipe's merge; Hub sources are selected, checked and pulled first."""
+    if not isinstance(doc.recipe.sources, HubSources):
+        return build_plan(doc, device=device, force=force)
+    hub = doc.recipe.sources
+    client = client or HubClient()
+    resolved = resolve_hub_sources(hub.repo, hub.selector, hub.on_anomaly, client, download=False)
+    for d in resolved.provenance["integrity"]["dropped"]:
+        display.note(f"dropped {d['revision']}: {d['reason']}")
+    weights = kept_weights(doc, resolved.selected, resolved.kept)  # before any download: a bad share costs nothing
+    resolved.sources = fetch_kept(hub.repo, resolved, client, display=display)
+    doc.check_output([s.path for s in resolved.sources])
+    plan = build_plan(doc, resolved.sources, device=device, force=force, weights=weights)
+    plan.extra_provenance.update(resolved.provenance)
+    return plan
+
+
+@dataclass
+class HubDryRun:
+    """What a Hub recipe's merge would fetch, decided from listings and headers only (no weights downloaded)."""
+
+    repo: str
+    selected: list[Revision]
+    kept: list[Revision]
+    dropped: list[dict[str, str]]
+    download_bytes: int
+    files: int
+    headers_checked: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "repo": self.repo,
+            "selected": [r.name for r in self.selected],
+            "kept": [r.name for r in self.kept],
+            "dropped": self.dropped,
+            "download_bytes": self.download_bytes,
+            "files": self.files,
+            "headers_checked": self.headers_checked,
+        }
+
+
+def hub_dry_run(doc: RecipeDocument, client: HubClient | None = None) -> HubDryRun:
+    """A Hub recipe's dry run: the selection, the integrity verdict, the download size and the header check."""
+    hub = doc.recipe.sources
+    if not isinstance(hub, HubSources):
+        raise RecipeError(f"{doc.where}: field 'sources': a dry run of Hub sources needs a Hub repo", field="sources")
+    client = client or HubClient()
+    selected, everything = resolve_selection(hub.repo, hub.selector, client)
+    report = check(hub.repo, selected, client, all_revisions=everything)
+    kept, dropped = apply_policy(selected, report, hub.on_anomaly)
+    kept_weights(doc, selected, kept)
+    pull_plan = plan_pull(hub.repo, kept, client)
+    agreed = check_remote_headers(pull_plan, client)
+    return HubDryRun(hub.repo, selected, kept, dropped, pull_plan.total_bytes, len(pull_plan.downloads()), agreed)
+
+
+def evaluate_merge(
+    plan: MergePlan,
+    output: Path,
+    cfg: EvaluateConfig,
+    client: HubClient | None = None,
+    *,
+    display: Display = QUIET,
+) -> EvalResult:
+    """A recipe's ``evaluate:`` block: the merged model, each source checkpoint, and the sources' ensemble."""
+    # Imported here, not at the top: planning and dry runs (`hubmerge merge --dry-run`) should not pay for them.
+    from hubmerge.evaluation.runner import (
+        EvalPlan,
+        ensembles,
+        load_tasks,
+        plan_eval,
+        run_eval,
+        source_targets,
+        target_from_folder,
+    )
+    from hubmerge.results.store import ResultsStore
+
+    tasks = load_tasks(cfg.task_list, data=cfg.data, limit=cfg.limit)
+    store = ResultsStore(cfg.results)
+    sources = source_targets(plan.sources)
+    merged = target_from_folder(output, label=f"merged: {plan.name}")
+    eval_plan = plan_eval([*sources, merged], tasks, store)
+    result = run_eval(eval_plan, store, client=client, batch_size=cfg.batch_size, display=display)
+    if len(sources) > 1:
+        result.ensembles = ensembles(EvalPlan(sources, tasks, {}, ensemble=len(sources)), store)
+    return result
+
+
+def finish_merge(
+    doc: RecipeDocument,
+    plan: MergePlan,
+    result: MergeResult,
+    client: HubClient | None = None,
+    *,
+    display: Display = QUIET,
+) -> MergeOutcome:
+    """What the recipe asks for after the merge: evaluate (``evaluate:``, then the card), push (``output.push``)."""
+    from hubmerge.hub.push import push
+    from hubmerge.workflows.card import write_card_from_store
+
+    outcome = MergeOutcome(plan, result)
+    recipe = doc.recipe
+    if recipe.evaluate is not None:
+        outcome.evaluation = evaluate_merge(plan, result.output, recipe.evaluate, client, display=display)
+        outcome.card = write_card_from_store(result.output, recipe.evaluate.results, recipe_text=doc.text)
+    cfg = recipe.output.push
+    if cfg is not None:
+        outcome.pushed = push(
+            result.output,
+            cfg.repo,
+            client or HubClient(),
+            branch=cfg.branch,
+            private=cfg.private,
+            create_pr=cfg.create_pr,
+            message=cfg.message,
+        )
+    return outcome
+
+
+def merge_recipe(
+    recipe: RecipeDocument | str | Path,
+    client: HubClient | None = None,
+    *,
+    force: bool = False,
+    display: Display = QUIET,
+    device: str = "cpu",
+    threads: int = 1,
+) -> MergeOutcome:
+    """``hubmerge merge RECIPE``: plan (check and pull Hub sources), stream the merge into ``output.path``, then
+    evaluate, write the card and push as the recipe says. ``recipe`` is a parsed document or a file to read once."""
+    doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
+    client = client or HubClient()
+    plan = plan_merge(doc, client, device=device, force=force, display=display)
+    result = execute(plan, force=force, display=display, threads=threads)
+    return finish_merge(doc, plan, result, client, display=display)

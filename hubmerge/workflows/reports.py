@@ -1,0 +1,153 @@
+"""Stability reports from the places scores live: lm-evaluation-harness result files and the results store.
+
+The metrics themselves are pure functions in :mod:`hubmerge.stability.metrics`; this module gathers the score
+series, builds the reports, and writes the table (CSV/JSON) and the plots (PNG/SVG) side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hubmerge.errors import StabilityError
+from hubmerge.results.lm_eval import load_results
+from hubmerge.results.store import ResultsStore
+from hubmerge.stability.plots import plot_by_window, plot_scores
+from hubmerge.stability.report import Comparison, StabilityReport, compare
+from hubmerge.stability.series import PER_EXAMPLE_KINDS, Member, SeriesTask, ensemble_report, series_report
+
+# Chance levels of common tasks, drawn as dotted lines so near-chance wobble is recognisable.
+CHANCE = {
+    "arc_easy": 0.25,
+    "arc_challenge": 0.25,
+    "sciq": 0.25,
+    "openbookqa": 0.25,
+    "hellaswag": 0.25,
+    "piqa": 0.5,
+    "winogrande": 0.5,
+    "boolq": 0.5,
+}
+
+
+@dataclass
+class StabilityOutput:
+    """What ``hubmerge stability`` computed and where it wrote it."""
+
+    comparison: Comparison
+    source: str
+    model: str | None
+    files: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _in_range(step: float | None, since: int | None, until: int | None) -> bool:
+    if step is None:
+        return since is None and until is None
+    return (since is None or step >= since) and (until is None or step <= until)
+
+
+def stability_from_lm_eval(
+    where: str | Path | Iterable[str | Path],
+    *,
+    tasks: Sequence[str] | None = None,
+    metric: str | Sequence[str] = ("acc",),
+    since: int | None = None,
+    until: int | None = None,
+    window: int | None = None,
+    stride: int = 1,
+    out: str | Path | None = None,
+    title: str | None = None,
+) -> StabilityOutput:
+    """Raw-trajectory stability from lm-eval result files (aggregate scores only: no per-example metrics).
+
+    Averaged and ensembled series need per-example scores of merged models and of each checkpoint; those
+    come from the results store (``hubmerge eval`` / ``hubmerge sweep``), not from aggregate files.
+    """
+    traj = load_results(where, metric, tasks=tasks)
+    points = [p for p in traj.points() if _in_range(p[1], since, until)]
+    if not points:
+        raise StabilityError(f"no result files with steps in [{since}, {until}]; widen --since/--until")
+    report = StabilityReport.build(points, metrics=traj.metric, window=window, stride=stride)
+    comparison = compare(report)
+    steps = [p[1] for p in points]
+    source = (
+        f"lm-evaluation-harness results, {len(points)} revisions (steps {_fmt_step(steps[0])}-{_fmt_step(steps[-1])})"
+    )
+    result = StabilityOutput(comparison, source, title or traj.model, skipped=dict(traj.skipped))
+    if out is not None:
+        result.files = write_outputs(comparison, Path(out), model=result.model, source=source)
+    return result
+
+
+def stability_from_store(
+    results: str | Path | None,
+    *,
+    repo: str | None = None,
+    tasks: Sequence[str] | None = None,
+    ensembles: Sequence[int] = (),
+    since: int | None = None,
+    until: int | None = None,
+    out: str | Path | None = None,
+    title: str | None = None,
+) -> StabilityOutput:
+    """Per-example stability of the revisions in the results store (ordered by step), and of ensembles of
+    their windows computed from stored scores. Averaged windows come from ``hubmerge sweep``."""
+    store = ResultsStore(results, read_only=True)
+    models = [m for m in store.models() if m.get("step") is not None and (repo is None or m.get("repo") == repo)]
+    models = sorted((m for m in models if _in_range(m["step"], since, until)), key=lambda m: m["step"])
+    if not models:
+        raise StabilityError(f"no evaluated revisions{f' of {repo}' if repo else ''} with steps in {store.path}")
+    task_objs = [
+        SeriesTask(t["name"], t["kind"], t["data_hash"])
+        for t in store.tasks()
+        if (tasks is None or t["name"] in tasks) and t["kind"] in PER_EXAMPLE_KINDS
+    ]
+    if not task_objs:
+        raise StabilityError(f"no multiple-choice or minimal-pairs task in {store.path} matches {tasks}")
+    members = [Member(m["model_key"], m["label"], m["step"]) for m in models]
+    with store:  # one connection for the many reads below
+        raw = series_report(store, members, task_objs)
+        ens = {
+            w: ensemble_report(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs)
+            for w in ensembles
+            if 2 <= w <= len(members)
+        }
+    comparison = compare(raw, {}, ens)
+    source = f"results store {store.path}, {len(members)} revisions{f' of {repo}' if repo else ''}"
+    result = StabilityOutput(comparison, source, title or repo)
+    if out is not None:
+        result.files = write_outputs(comparison, Path(out), model=result.model, source=source)
+    return result
+
+
+def _fmt_step(step: float | None) -> str:
+    if step is None:
+        return "?"
+    step = int(step)
+    return f"{step // 1000}k" if step >= 10000 and step % 1000 == 0 else str(step)
+
+
+def write_outputs(
+    comparison: Comparison,
+    out: Path,
+    *,
+    model: str | None,
+    source: str,
+    stem: str = "stability",
+    plot_tasks: Sequence[str] | None = None,
+) -> list[Path]:
+    """The table as CSV and JSON, the score plot and (with per-example data) the flip-rate plot, PNG and SVG.
+
+    The table has every task; the plots only ``plot_tasks`` when given (a group's pooled row instead of its
+    forty paradigm panels).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    files = [comparison.to_csv(out / f"{stem}.csv"), comparison.to_json(out / f"{stem}.json")]
+    tasks = list(plot_tasks) if plot_tasks else list(comparison.raw.tasks)
+    chance = {t: CHANCE[t] for t in tasks if t in CHANCE}
+    files += plot_scores(comparison, out / f"{stem}-scores", tasks=tasks, model=model, source=source, chance=chance)
+    has_examples = any(ts.flip_rate is not None for ts in comparison.raw.tasks.values())
+    if has_examples and (comparison.averaged or comparison.ensembled):
+        files += plot_by_window(comparison, out / f"{stem}-flip-rate", tasks=tasks, model=model, source=source)
+    return files

@@ -1,0 +1,204 @@
+"""``hubmerge sweep RECIPE``: the paper's experiment as one command.
+
+Along a trajectory of T checkpoints, for every window size w and position (stride s), the averaged
+model is built (all windows in one shared read, see :mod:`hubmerge.merging.sweep`), scored and, unless
+kept, deleted; the raw checkpoints are scored once; the ensembles of the same windows come from stored
+log-likelihoods. Then the stability report lays raw, averaged and ensembled series side by side and
+recommends a window. Every step is resumable: scores live in the results store and finished windows
+are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hubmerge.errors import RecipeError
+from hubmerge.evaluation.runner import load_tasks, plan_eval, run_eval, source_targets, target_from_folder, task_groups
+from hubmerge.evaluation.tasks.specs import TaskData
+from hubmerge.hub.client import HubClient
+from hubmerge.hub.pull import resolve_hub_sources
+from hubmerge.io.checkpoint import SourceRef
+from hubmerge.io.files import atomic_write
+from hubmerge.io.progress import QUIET, Display
+from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
+from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
+from hubmerge.results.keys import model_key
+from hubmerge.results.store import ResultsStore
+from hubmerge.stability.report import Comparison, compare
+from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
+from hubmerge.workflows.reports import write_outputs
+
+# Window sizes whose instability is within this factor of the lowest count as "the lowest".
+INSTABILITY_TOLERANCE = 1.10
+
+
+@dataclass
+class SweepReport:
+    comparison: Comparison
+    recommendation: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    windows: int = 0
+    bytes_read: int = 0
+    headline: list[str] | None = None  # the tasks to show: a group's pooled row instead of its paradigms
+
+
+def series_tasks(tasks: list[TaskData]) -> list[SeriesTask]:
+    """What the stability series need of loaded tasks; a limited task counts only the examples it loaded."""
+    return [SeriesTask(t.spec.name, t.spec.kind, t.data_hash, tuple(ex.doc_id for ex in t.examples)) for t in tasks]
+
+
+def recommend(comparison: Comparison, tasks: list[str] | None = None) -> dict[str, Any]:
+    """The window to publish: among window sizes whose averaged series is (nearly) the least unstable, the
+    window position with the best mean score.
+
+    Instability of a size is the mean over tasks of the example-level flip rate of its averaged series
+    (task-level MTV when there are no per-example scores); sizes within ``INSTABILITY_TOLERANCE`` of the
+    lowest tie. Among their windows the best mean score over tasks wins; ties go to the latest window.
+    """
+    candidates = []
+    for w, report in sorted(comparison.averaged.items()):
+        values = [
+            ts.flip_rate if ts.flip_rate is not None else ts.mtv
+            for name, ts in report.tasks.items()
+            if tasks is None or name in tasks
+        ]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if values and report.labels:
+            candidates.append((float(np.mean(values)), w, report))
+    if not candidates:
+        return {"how": "no averaged windows with at least two positions; nothing to recommend"}
+    lowest = min(c[0] for c in candidates)
+    stable = [c for c in candidates if c[0] <= lowest * INSTABILITY_TOLERANCE + 1e-12]
+    best = None
+    for instability, w, report in stable:
+        for i, label in enumerate(report.labels):
+            score = float(np.mean([report.scores[t][i] for t in report.scores if tasks is None or t in tasks]))
+            key = (score, report.steps[i] or 0)
+            if best is None or key > best[0]:
+                best = (key, w, label, instability)
+    (score, _), w, label, instability = best
+    return {
+        "window_size": w,
+        "window": label,
+        "mean_score": score,
+        "instability": instability,
+        "how": (
+            f"window sizes whose averaged series has a mean flip rate within {INSTABILITY_TOLERANCE - 1:.0%} of the "
+            f"lowest ({lowest:.4f}) were kept ({', '.join(str(c[1]) for c in stable)}); among their windows the "
+            "best mean score over tasks was chosen, ties going to the latest"
+        ),
+    }
+
+
+def run_sweep_recipe(
+    recipe: RecipeDocument | str | Path,
+    client: HubClient | None = None,
+    *,
+    display: Display = QUIET,
+    keep: bool | None = None,
+    out: str | Path | None = None,
+) -> SweepReport:
+    """``hubmerge sweep RECIPE``: score the raw checkpoints, build and score every averaged window (one shared
+    read), compute the ensembles from stored scores, and write the stability report and recommendation."""
+    doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
+    recipe_ = doc.recipe
+    where = doc.where
+    if recipe_.sweep is None or recipe_.evaluate is None:
+        raise RecipeError(f"{where}: a sweep needs both a 'sweep:' block (sizes, stride) and an 'evaluate:' block")
+    client = client or HubClient()
+    sources: list[SourceRef]
+    if isinstance(recipe_.sources, HubSources):
+        hub = recipe_.sources
+        sources = resolve_hub_sources(hub.repo, hub.selector, hub.on_anomaly, client, display=display).sources
+    else:
+        sources = [SourceRef(p, p.name) for p in doc.local_sources()]
+    sweep_cfg, eval_cfg = recipe_.sweep, recipe_.evaluate
+    sizes = sweep_cfg.sizes
+    if max(sizes) > len(sources):
+        raise RecipeError(
+            f"{where}: field 'sweep.sizes': window {max(sizes)} is longer than the {len(sources)} sources",
+            field="sweep.sizes",
+        )
+    tasks = load_tasks(eval_cfg.task_list, data=eval_cfg.data, limit=eval_cfg.limit)
+    groups = task_groups(eval_cfg.task_list, tasks)
+    store = ResultsStore(eval_cfg.results)
+    raw = source_targets(sources)
+    bs = eval_cfg.batch_size
+    run_eval(plan_eval(raw, tasks, store), store, client=client, batch_size=bs, display=display)
+
+    root = Path(recipe_.output.path).expanduser().resolve()
+    averaged_sizes = [w for w in sizes if w >= 2]
+    keep = sweep_cfg.keep if keep is None else keep
+    window_keys: dict[str, str] = {}
+
+    def on_window(wo: WindowOutput) -> None:
+        target = target_from_folder(wo.path, label=wo.window.name)
+        window_keys[wo.window.name] = target.key
+        run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display)
+
+    result = None
+    windows = []
+    if averaged_sizes:
+        splan = plan_sweep(
+            sources,
+            averaged_sizes,
+            root,
+            stride=sweep_cfg.stride,
+            method=recipe_.method,
+            decay=recipe_.decay,
+            weights=sweep_cfg.weights,
+            dtype=recipe_.dtype,
+            max_shard_size=recipe_.output.max_shard_size,
+            max_windows_on_disk=sweep_cfg.max_windows_on_disk,
+            name=recipe_.name,
+        )
+        windows = splan.windows
+        result = run_sweep(splan, on_window=on_window, keep=keep, display=display)
+        for name in result.skipped:  # deleted in an earlier run: its scores are in the store
+            window_keys[name] = _window_key_of_tombstone(root / f"{name}{DELETED_SUFFIX}")
+
+    # With ``align``, every series covers the same window ends: from the first end the largest window reaches.
+    first_end = max(sizes) - 1 if sweep_cfg.align else 0
+    members = [Member(t.key, t.label, t.step) for t in raw]
+    stasks = series_tasks(tasks)
+    with store:  # one connection for the hundreds of reads below
+        raw_report = series_report(store, members[first_end:], stasks, groups)
+        averaged, ensembled = {}, {}
+        for w in averaged_sizes:
+            positions = [
+                (s, w)
+                for s, size in window_positions(len(raw), [w], sweep_cfg.stride)
+                if size == w and s + w - 1 >= first_end
+            ]
+            chosen = [n for n in windows if n.size == w and n.end >= first_end]
+            series = [
+                Member(window_keys[n.name], f"{raw[n.start].label}..{raw[n.end].label}", raw[n.end].step)
+                for n in chosen
+            ]
+            averaged[w] = series_report(store, series, stasks, groups)
+            ensembled[w] = ensemble_report(store, members, positions, stasks, groups)
+    comparison = compare(raw_report, averaged, ensembled)
+    grouped = {m for group in groups.values() for m in group}
+    plotted = [t for t in comparison.raw.tasks if t not in grouped] if groups else None
+    report = SweepReport(comparison, recommend(comparison, plotted), headline=plotted)
+    report.windows = len(window_keys)
+    report.bytes_read = result.bytes_read if result else 0
+    out_dir = Path(out) if out else root / "report"
+    report.files = write_outputs(
+        comparison, out_dir, model=recipe_.name, source=f"hubmerge sweep {where}", plot_tasks=plotted
+    )
+    atomic_write(out_dir / "recommendation.json", json.dumps(report.recommendation, indent=2) + "\n")
+    report.files.append(out_dir / "recommendation.json")
+    return report
+
+
+def _window_key_of_tombstone(tomb: Path) -> str:
+    """The store key of a window an earlier run scored and deleted, from the provenance it left behind."""
+    prov = json.loads(tomb.read_text())
+    return model_key([h for f, h in prov["files"].items() if f.endswith(".safetensors")])
