@@ -102,3 +102,14 @@ class ScoresError(HubmergeError, ValueError):
 
 class StoreError(HubmergeError):
     """The results store cannot be opened, or a request names a model or task it does not hold."""
+
+
+class MissingExtraError(HubmergeError):
+    """A feature needs an optional extra that is not installed (``hubmerge[ray]``, ``hubmerge[lm-eval]``)."""
+
+
+class ResultFileError(HubmergeError):
+    """An lm-evaluation-harness results or samples file that cannot be read or imported (truncated, malformed,
+    inconsistent with another revision's), named with its line where there is one."""
+
+    exit_code = EXIT_USAGE

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUTS = ("hubmerge-results", "hubmerge-stability", "out")  # what commands write to the cwd by default
 
 # Tests use tiny models: one torch thread is fastest, and on a busy 2-core machine a second thread's
 # OpenMP spin-waits made them many times slower.
@@ -46,3 +51,38 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def lm_hub(tmp_path_factory):
+    """One dev Hub for the tests that build lm-eval output: tiny checkpoints as ``stepN`` branches."""
+    from hubmerge.devhub import HubServer
+
+    with HubServer(tmp_path_factory.mktemp("lm-hub")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory, lm_hub):
+    """lm-eval's own output for four revisions on ``lm_hub`` (see tests/lm_eval_archive.py); built once."""
+    pytest.importorskip("lm_eval", reason="needs the lm-eval extra: pip install 'hubmerge[lm-eval]'")
+    from lm_eval_archive import build_archive
+
+    return build_archive(tmp_path_factory.mktemp("lm-eval"), lm_hub.url)
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """lm-eval loads task data through ``datasets``, which reads its cache folder at import: point it at tmp."""
+    config = pytest.importorskip("datasets.config")
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return tmp_path / "datasets-cache"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_outputs_in_the_checkout():
+    """A test that forgets --results or --out writes into the checkout: fail the session rather than litter it."""
+    before = {name for name in DEFAULT_OUTPUTS if (ROOT / name).exists()}
+    yield
+    left = sorted(name for name in DEFAULT_OUTPUTS if (ROOT / name).exists() and name not in before)
+    assert not left, f"tests wrote {', '.join(left)} into {ROOT}; pass --results / --out under tmp_path"

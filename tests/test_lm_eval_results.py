@@ -162,3 +162,64 @@ def test_nan_score_and_incomplete_task(tmp_path):
     assert "m_step3.json" in traj.skipped["wsc"] and list(traj.scores) == ["piqa"]
     with pytest.raises(StabilityError, match=r"task 'wsc': no results for it in .*m_step3\.json"):
         load_results([ok, p], tasks=["wsc"])
+
+
+# --- groups: pooled rows as lm-eval aggregates them -----------------------------------------------------------
+
+
+def test_pythia_mmlu_subjects_become_one_group(tmp_path):
+    from hubmerge.workflows.reports import stability_from_lm_eval
+
+    traj = load_results(_pythia("160m"))
+    subjects = traj.groups["mmlu"]
+    assert len(subjects) == 57 and all(s.startswith("hendrycksTest-") for s in subjects)
+    mean = sum(traj.scores[s] for s in subjects) / len(subjects)
+    assert traj.scores["mmlu"].tolist() == pytest.approx(mean.tolist(), abs=1e-15)
+    assert "unweighted" in traj.group_notes["mmlu"] and "no task sizes" in traj.group_notes["mmlu"]
+    assert "mmlu" in traj.headline and not set(subjects) & set(traj.headline)
+    out = stability_from_lm_eval(_pythia("160m"), out=tmp_path)
+    assert out.headline == traj.headline and len(out.headline) == len(traj.scores) - 57
+    csv_tasks = [line.split(",")[0] for line in (tmp_path / "stability.csv").read_text().splitlines()[1:]]
+    assert set(csv_tasks) == set(traj.scores)  # the CSV keeps every subject
+    assert stability_from_lm_eval(_pythia("160m"), subtasks=True).headline is None
+
+
+def _v04_group(step: int, accs: dict[str, float], sizes: dict[str, int] | None, own: float | None = None) -> dict:
+    data = {
+        "results": {t: {"alias": t, "acc,none": a} for t, a in accs.items()},
+        "group_subtasks": {"g": list(accs)},
+        "configs": {t: {"task": t} for t in accs},
+        "config": {"model": "hf", "model_args": f"pretrained=org/m,revision=step{step}"},
+    }
+    if own is not None:
+        data["results"]["g"] = {"alias": "g", "acc,none": own}
+    if sizes is not None:
+        data["n-samples"] = {t: {"original": n, "effective": n} for t, n in sizes.items()}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("sizes", "own", "expected", "note"),
+    [
+        ({"a": 100, "b": 300}, None, 0.8, "weighted by their sizes"),
+        (None, None, 0.7, "unweighted"),
+        ({"a": 100, "b": 300}, 0.123, 0.123, "lm-eval's own"),
+    ],
+)
+def test_lm_eval_04_group_rows(tmp_path, sizes, own, expected, note):
+    for step in (1, 2):
+        _write(tmp_path, f"results_2024-01-0{step}.json", _v04_group(step, {"a": 0.5, "b": 0.9}, sizes, own))
+    traj = load_results(tmp_path)
+    assert traj.groups == {"g": ["a", "b"]} and traj.headline == ["g"]
+    assert traj.scores["g"].tolist() == pytest.approx([expected, expected])
+    assert note in traj.group_notes["g"]
+
+
+def test_standalone_tasks_listed_with_no_members_are_tasks(tmp_path):
+    """Early lm-eval 0.4 releases listed every standalone task in ``group_subtasks`` with an empty list."""
+    for step in (1, 2):
+        data = _v04(step, 0.5)
+        data["group_subtasks"] = {"piqa": [], "gsm8k": []}
+        _write(tmp_path, f"results_2024-01-0{step}.json", data)
+    traj = load_results(tmp_path)
+    assert "piqa" in traj.scores and traj.groups == {}

@@ -22,7 +22,7 @@ from hubmerge.errors import OutputError, SourceError, StoreError  # noqa: E402
 from hubmerge.results import scores as ens  # noqa: E402
 from hubmerge.results import store as store_mod  # noqa: E402
 from hubmerge.results.keys import model_key, weight_hashes_of_folder
-from hubmerge.results.store import ResultsStore, loglik_rows  # noqa: E402
+from hubmerge.results.store import LOGLIK_COLUMNS, ResultsStore, loglik_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 H = [hashlib.sha256(bytes([i])).hexdigest() for i in range(8)]  # stand-ins for weight file digests
@@ -97,6 +97,37 @@ def test_round_trip_scores_predictions_and_choice_matrix(mc):
     assert [t["name"] for t in store.tasks()] == ["toy_mc"]
 
 
+def columns_of(rows: list[tuple]) -> dict[str, np.ndarray]:
+    return {k: np.asarray([r[i] for r in rows]) for i, k in enumerate(LOGLIK_COLUMNS) if i >= 2}
+
+
+def test_many_pairs_at_once_equal_one_pair_at_a_time(mc, tmp_path):
+    """``add_pair_logliks``: fresh pairs in one INSERT, a pair with stored rows merged; same store as add_logliks."""
+    store, tkey, ka, kb = mc
+    store.add_logliks(rows_for(kb, tkey, LL_B, docs=[0]))  # kb holds a row already: its pair takes the merge path
+    n = store.add_pair_logliks(
+        [(ka, tkey, columns_of(rows_for(ka, tkey, LL_A))), (kb, tkey, columns_of(rows_for(kb, tkey, LL_B)))]
+    )
+    assert n == 22
+    one = ResultsStore(tmp_path / "one")
+    one.register_task(make_task("toy_mc", "multiple_choice", MC_CHOICES, MC_GOLD))
+    one.register_model(H[:2], name="toy@step1", repo="org/toy", revision="step1", step=1)
+    one.register_model(H[2:4], name="toy@step2", repo="org/toy", revision="step2", step=2)
+    one.add_logliks(rows_for(ka, tkey, LL_A))
+    one.add_logliks(rows_for(kb, tkey, LL_B))
+    assert store.scores() == one.scores()
+    for key in (ka, kb):
+        np.testing.assert_array_equal(store.choice_matrix(key, tkey).ll, one.choice_matrix(key, tkey).ll)
+        assert store.done_docs(key, tkey) == {0, 1, 2, 3}
+    with pytest.raises(StoreError, match="given twice"):
+        store.add_pair_logliks([(ka, tkey, columns_of(rows_for(ka, tkey, LL_A)))] * 2)
+    bad = columns_of(rows_for(ka, tkey, LL_A))
+    bad["logprob"][3] = np.nan
+    with pytest.raises(ens.ScoresError, match="NaN log-likelihood for toy_mc.* example 1 choice 1"):
+        store.add_pair_logliks([(kb, tkey, columns_of(rows_for(kb, tkey, LL_B))), (ka, tkey, bad)])
+    assert store.scores() == one.scores()  # the failing call stored nothing
+
+
 def test_same_weights_under_two_names_is_one_model_scored_once(mc):
     store, tkey, ka, _ = mc
     store.add_logliks(rows_for(ka, tkey, LL_A))
@@ -143,14 +174,14 @@ def test_resume_after_the_writer_is_killed_mid_batch(mc, tmp_path):
         from hubmerge.results import store as s
         st = s.ResultsStore({str(store.path)!r})
         rows = {rows!r}
-        real = s.ResultsStore._derive
+        real = s.ResultsStore._write_logliks
         calls = []
-        def derive(self, *a):
+        def write(self, *a):
             calls.append(1)
+            real(self, *a)
             if len(calls) == 2:
                 os._exit(9)  # killed after the second batch's rows are written, before its commit
-            return real(self, *a)
-        s.ResultsStore._derive = derive
+        s.ResultsStore._write_logliks = write
         with st:
             st.add_logliks(rows[:5])
             st.add_logliks(rows[5:])
@@ -265,14 +296,14 @@ def test_schema_versions(tmp_path, monkeypatch):
     con = duckdb.connect(str(path))
     con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match="older than 1; run any writing command"):
+    with pytest.raises(StoreError, match=f"older than {store_mod.SCHEMA_VERSION}; run any writing command"):
         ResultsStore(path, read_only=True).models()
     with pytest.raises(StoreError, match="no upgrade from results schema 0"):
         ResultsStore(path).models()
     monkeypatch.setitem(store_mod._MIGRATIONS, 0, lambda con: con.execute("ALTER TABLE models ADD COLUMN note VARCHAR"))
     assert [m["label"] for m in ResultsStore(path).models()] == ["m"]  # upgraded in place, data kept
     con = duckdb.connect(str(path), read_only=True)
-    assert con.execute("SELECT value FROM meta").fetchall() == [("1",)]
+    assert con.execute("SELECT value FROM meta").fetchall() == [(str(store_mod.SCHEMA_VERSION),)]
     con.close()
     other = tmp_path / "other.duckdb"
     duckdb.connect(str(other)).execute("CREATE TABLE t (a INTEGER)").close()
@@ -280,6 +311,49 @@ def test_schema_versions(tmp_path, monkeypatch):
         ResultsStore(other).models()
     with pytest.raises(StoreError, match="no results store at"):
         ResultsStore(tmp_path / "nowhere", read_only=True)
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE models (
+    model_id INTEGER PRIMARY KEY, model_key VARCHAR UNIQUE NOT NULL, label VARCHAR, repo VARCHAR,
+    revision VARCHAR, "commit" VARCHAR, path VARCHAR, weight_hashes VARCHAR[], step BIGINT);
+CREATE TABLE model_names (name VARCHAR NOT NULL, model_key VARCHAR NOT NULL, PRIMARY KEY (name, model_key));
+CREATE TABLE tasks (
+    task_id INTEGER PRIMARY KEY, task_key VARCHAR UNIQUE NOT NULL, name VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    data_hash VARCHAR NOT NULL, source VARCHAR, n_examples INTEGER);
+CREATE TABLE docs (task_id INTEGER, doc_id INTEGER, gold INTEGER, n_choices INTEGER, words INTEGER, bytes BIGINT);
+CREATE TABLE choices (task_id INTEGER, doc_id INTEGER, choice INTEGER, chars INTEGER);
+CREATE TABLE logliks (
+    model_id INTEGER, task_id INTEGER, doc_id INTEGER, choice INTEGER, logprob DOUBLE, is_greedy BOOLEAN,
+    n_tokens INTEGER);
+CREATE TABLE predictions (
+    model_id INTEGER, task_id INTEGER, doc_id INTEGER, gold INTEGER, pred INTEGER, pred_norm INTEGER,
+    correct BOOLEAN, correct_norm BOOLEAN);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO tasks VALUES (1, 't@0123456789abcdef', 't', 'multiple_choice', '0123456789abcdef', 'x', 1);
+INSERT INTO docs VALUES (1, 0, 1, 2, 0, 0);
+INSERT INTO choices VALUES (1, 0, 0, 3), (1, 0, 1, 4);
+"""
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    """Stores written before imports existed gain the imports and task_groups tables and a doc_hash column."""
+    import duckdb
+
+    path = tmp_path / "results.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(V1_SCHEMA)
+    con.close()
+    with pytest.raises(StoreError, match="schema 1 is older than 2"):
+        ResultsStore(path, read_only=True).tasks()
+    store = ResultsStore(path)
+    assert [t["task_key"] for t in store.tasks()] == ["t@0123456789abcdef"]
+    key = store.register_model(H[:1], name="m")
+    store.add_logliks(loglik_rows(key, "t@0123456789abcdef", [(0, 0), (0, 1)], [(-1.0, 1), (-2.0, 1)]))
+    assert store.scores("t")[0].acc == 0.0  # gold is choice 1; choice 0 is likelier
+    store.add_task_group("g", ["t"])
+    assert store.task_groups() == {"g": ["t"]} and store.doc_hashes("t@0123456789abcdef") == {}
 
 
 def test_readers_wait_for_a_writer_between_batches(mc):

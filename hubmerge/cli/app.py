@@ -334,9 +334,15 @@ def hub_serve(
 @command
 def eval_(
     targets: Annotated[list[str], typer.Argument(help="Model folders and/or Hub repo ids (with --select).")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks, e.g. arc_easy,piqa,blimp.")],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated tasks, e.g. arc_easy,piqa,blimp; lm_eval:NAME is lm-eval's task NAME.")
+    ],
     select: Select = None,
     data: Annotated[Path | None, typer.Option(help="Local data for the task(s): a file or a folder.")] = None,
+    lm_eval_include: Annotated[
+        list[Path] | None,
+        typer.Option(help="A folder of lm-eval task YAMLs for lm_eval:NAME tasks (lm-eval's --include_path)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples of each task (as lm-eval's --limit).")] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Requests per forward pass (default: by token budget).")
@@ -362,7 +368,10 @@ def eval_(
 
     client = _client(endpoint)
     resolved = eval_targets(targets, parse_selector(select) if select else None, client)
-    task_data = load_tasks(tasks, data=data, limit=limit)
+    task_data = load_tasks(tasks, data=data, limit=limit, lm_eval_include=lm_eval_include or ())
+    if not (quiet or as_json):
+        for note in (n for t in task_data for n in t.notes):
+            err.print(f"[dim]{note}[/dim]", highlight=False)
     store = ResultsStore(results)
     plan = plan_eval(resolved, task_data, store, ensemble)
     if dry_run:
@@ -402,9 +411,16 @@ def eval_(
     out.print(f"scored {result.scored} requests this run; results in {store.path}")
 
 
-@app.command()
+results_app = typer.Typer(
+    help="Show, export and import what the results store holds.", invoke_without_command=True, no_args_is_help=False
+)
+app.add_typer(results_app, name="results")
+
+
+@results_app.callback(invoke_without_command=True)
 @command
 def results(
+    ctx: typer.Context,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated task names (default: all).")] = None,
     results_dir: Results = None,
     export: Annotated[Path | None, typer.Option(help="Write to this file (.csv, .parquet, .json, .jsonl).")] = None,
@@ -412,6 +428,8 @@ def results(
     as_json: Json = False,
 ) -> None:
     """Show (and export) what the results store holds: per (model, task) scores."""
+    if ctx.invoked_subcommand is not None:
+        return
     from hubmerge.cli.render import render_scores
     from hubmerge.results.store import ResultsStore
 
@@ -426,6 +444,37 @@ def results(
         out.print_json(data=[r.__dict__ for r in rows])
         return
     render_scores(rows, f"results in {store.path}", out)
+
+
+@results_app.command("import")
+@command
+def results_import(
+    paths: Annotated[list[Path], typer.Argument(help="lm-eval output folders (searched recursively) or files.")],
+    results_dir: Results = None,
+    repo: Annotated[str | None, typer.Option(help="The Hub repo the runs scored (overrides the files).")] = None,
+    revision: Annotated[str | None, typer.Option(help="The revision the runs scored (overrides the files).")] = None,
+    filter_name: Annotated[str, typer.Option("--filter", help="lm-eval filter whose samples to keep.")] = "none",
+    endpoint: Endpoint = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Import lm-evaluation-harness runs (results and --log_samples files) into the results store."""
+    from hubmerge.cli.render import render_import
+    from hubmerge.workflows.imports import import_lm_eval
+
+    report = import_lm_eval(
+        paths,
+        results_dir,
+        _client(endpoint),
+        repo=repo,
+        revision=revision,
+        filter_name=filter_name,
+        display=_display(quiet or as_json),
+    )
+    if as_json:
+        out.print_json(data=report.to_dict())
+        return
+    render_import(report, out)
 
 
 @app.command()
@@ -448,6 +497,9 @@ def stability(
     results_dir: Results = None,
     repo: Annotated[str | None, typer.Option(help="Results store: the repo whose revisions to use.")] = None,
     ensemble: Annotated[str | None, typer.Option(help="Results store: ensemble window sizes, e.g. 2,4.")] = None,
+    subtasks: Annotated[
+        bool, typer.Option("--subtasks", help="Show each task of a group in the tables and plots, not only the group.")
+    ] = False,
     as_json: Json = False,
 ) -> None:
     """Instability of downstream scores along a trajectory: MTV, flip rate, IS, windowed std/range/worst drop.
@@ -455,7 +507,7 @@ def stability(
     From lm-eval result files (aggregate scores) with --lm-eval; otherwise from the results store: the
     per-example scores of every evaluated revision (of --repo), and ensembles of their windows (--ensemble).
     """
-    from hubmerge.cli.render import render_comparison
+    from hubmerge.cli.render import render_comparison, render_skipped
     from hubmerge.workflows.reports import stability_from_lm_eval, stability_from_store
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -470,6 +522,7 @@ def stability(
             stride=stride,
             out=out_dir,
             title=title,
+            subtasks=subtasks,
         )
     else:
         sizes = _ensemble_sizes(ensemble) if ensemble else []
@@ -482,13 +535,15 @@ def stability(
             until=until,
             out=out_dir,
             title=title,
+            subtasks=subtasks,
         )
     if as_json:
         out.print_json(data=result.comparison.to_dict())
         return
-    render_comparison(result.comparison, out, result.model or "trajectory")
-    for task, why in result.skipped.items():
-        err.print(f"skipped {task}: {why}", highlight=False)
+    render_comparison(result.comparison, out, result.model or "trajectory", tasks=result.headline)
+    for group, how in result.group_notes.items():
+        out.print(f"[dim]{group}: {how}; its tasks are in the CSV/JSON (--subtasks shows them here)[/dim]")
+    render_skipped(result.skipped, err)
     out.print("wrote " + ", ".join(str(p) for p in result.files))
 
 

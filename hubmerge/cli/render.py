@@ -6,8 +6,8 @@ Nothing here computes: each function takes a result object (a plan, a report, sc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +21,9 @@ from hubmerge.merging.sweep import SweepPlan
 from hubmerge.results.keys import task_key
 from hubmerge.results.store import Score
 from hubmerge.stability.report import Comparison, TaskStability
+
+if TYPE_CHECKING:
+    from hubmerge.workflows.imports import ImportReport
 
 
 def render_plan(plan: MergePlan, console: Console) -> None:
@@ -110,7 +113,9 @@ def render_revisions(revs: list[Revision], title: str, console: Console) -> None
 def render_scores(rows: list[Score], title: str, console: Console) -> None:
     """``hubmerge results``: one line per (model, task) with its metrics."""
     view = Table(title=title, title_justify="left")
-    for c in ("task", "model", "step", "n", "acc", "acc_norm", "perplexity", "bits/byte"):
+    mutual_info = any(r.acc_mutual_info is not None for r in rows)
+    cols = ("task", "model", "step", "n", "acc", "acc_norm", *(("acc_mutual_info",) * mutual_info), "perplexity")
+    for c in (*cols, "bits/byte"):
         view.add_column(c, justify="left" if c in ("task", "model") else "right")
     for r in rows:
         ppl = r.perplexity if r.perplexity is not None else r.word_perplexity
@@ -121,14 +126,22 @@ def render_scores(rows: list[Score], title: str, console: Console) -> None:
             f"{r.n}/{r.n_examples}",
             _fmt(r.acc),
             _fmt(r.acc_norm),
+            *([_fmt(r.acc_mutual_info)] if mutual_info else []),
             _fmt(ppl, 2),
             _fmt(r.bits_per_byte),
         )
     console.print(view)
 
 
+def _choice_metrics(task: Any) -> list[str]:
+    """The accuracy columns of a choice task: what its definition asks for (lm-eval's BLiMP: acc only)."""
+    if task.spec.kind == "minimal_pairs":  # lm-eval reports acc only: the choices are whole sentences
+        return ["acc"]
+    return [m for m in ("acc", "acc_norm", "acc_mutual_info") if m in task.spec.metric_names] or ["acc"]
+
+
 def render_results(result: EvalResult, console: Console) -> None:
-    """Per task: each model's acc / acc_norm (or perplexities), then the ensembles."""
+    """Per task: each model's accuracies (or perplexities), then the ensembles."""
     by_task: dict[str, list[Any]] = {}
     for s in result.scores:
         by_task.setdefault(s.task_key, []).append(s)
@@ -136,12 +149,9 @@ def render_results(result: EvalResult, console: Console) -> None:
     for task in result.plan.tasks:
         rows = by_task.get(task_key(task.spec.name, task.data_hash), [])
         lm = task.spec.kind in ("perplexity", "cloze")
-        pairs = task.spec.kind == "minimal_pairs"  # lm-eval reports acc only: the choices are whole sentences
+        metrics = _choice_metrics(task)
         table = Table(title=f"{task.spec.name} ({task.spec.kind}, {len(task.examples)} examples)", title_justify="left")
-        cols = (
-            ["model", "n", "acc", "perplexity", "bits/byte"] if lm else ["model", "n", "acc", "acc_norm"][: 4 - pairs]
-        )
-        for c in cols:
+        for c in ["model", "n", "acc", "perplexity", "bits/byte"] if lm else ["model", "n", *metrics]:
             table.add_column(c, justify="left" if c == "model" else "right")
         order = {t.key: i for i, t in enumerate(result.plan.targets)}
         for s in sorted(rows, key=lambda s: order.get(s.model_key, 1 << 30)):
@@ -150,12 +160,13 @@ def render_results(result: EvalResult, console: Console) -> None:
                 ppl = s.perplexity if s.perplexity is not None else s.word_perplexity
                 table.add_row(name, str(s.n), _fmt(s.acc), _fmt(ppl, 2), _fmt(s.bits_per_byte))
             else:
-                table.add_row(name, str(s.n), _fmt(s.acc), *([] if pairs else [_fmt(s.acc_norm)]))
+                table.add_row(name, str(s.n), *(_fmt(getattr(s, m)) for m in metrics))
         for e in result.ensembles:
             if e["task_key"] == task_key(task.spec.name, task.data_hash):
                 for how, key in (("prob. avg.", "probability"), ("majority", "majority")):
-                    norm = [] if pairs else [_fmt(e[f"{key}_norm"])]
-                    table.add_row(f"{e['label']} ({how})", str(e["n"]), _fmt(e[key]), *norm)
+                    cells = {"acc": e[key], "acc_norm": e[f"{key}_norm"]}  # ensembles: from conditional scores
+                    row = [_fmt(cells.get(m)) for m in metrics]
+                    table.add_row(f"{e['label']} ({how})", str(e["n"]), *row)
         console.print(table)
 
 
@@ -220,3 +231,39 @@ def render_comparison(comparison: Comparison, console: Console, title: str, task
             name = f"{task} ({ts.metric})" if raw_only else series
             table.add_row(name, str(ts.n_points), *cells, *([_drop_where(ts)] if raw_only else []))
         console.print(table)
+
+
+def render_import(report: ImportReport, console: Console) -> None:
+    """``hubmerge results import``: per task, how many checkpoints were imported, kept or replaced; then notices."""
+    by_task: dict[str, dict[str, int]] = {}
+    for _, task, n in report.imported:
+        entry = by_task.setdefault(task, {"imported": 0, "examples": 0, "unchanged": 0, "replaced": 0})
+        entry["imported"] += 1
+        entry["examples"] = max(entry["examples"], n)
+    for kind in ("unchanged", "replaced"):
+        for _, task in getattr(report, kind):
+            by_task.setdefault(task, {"imported": 0, "examples": 0, "unchanged": 0, "replaced": 0})[kind] += 1
+    table = Table(title=f"imported {report.runs} lm-eval runs", title_justify="left")
+    for col in ("task", "checkpoints imported", "examples", "already stored", "replaced"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, e in sorted(by_task.items()):
+        table.add_row(task, str(e["imported"]), str(e["examples"]), str(e["unchanged"]), str(e["replaced"]))
+    console.print(table)
+    if report.aggregate_only:
+        tasks = sorted({t for _, t in report.aggregate_only})
+        console.print(
+            f"aggregate scores only (no samples file): {', '.join(tasks)}; `hubmerge stability --lm-eval` reads them"
+        )
+    for notice in report.notices:
+        console.print(f"note: {notice}", highlight=False)
+
+
+def render_skipped(skipped: Mapping[str, str], err: Console, shown: int = 6) -> None:
+    """Tasks left out, one line per reason: Pythia's files leave out 20 crows_pairs tasks for the same one."""
+    by_reason: dict[str, list[str]] = {}
+    for task, why in skipped.items():
+        by_reason.setdefault(why, []).append(task)
+    for why, tasks in by_reason.items():
+        names = ", ".join(tasks[:shown]) + (f" and {len(tasks) - shown} more" if len(tasks) > shown else "")
+        what = f"{len(tasks)} tasks ({names})" if len(tasks) > 1 else tasks[0]
+        err.print(f"skipped {what}: {why}", highlight=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubmerge.errors import HubmergeError, RecipeError
+from hubmerge.errors import HubmergeError, MissingExtraError, RecipeError
 from hubmerge.evaluation.tasks.registry import expand_tasks, get_task_spec, known_tasks_hint, load_task
 from hubmerge.evaluation.tasks.specs import TaskData
 from hubmerge.hub.client import HubClient
@@ -111,7 +111,12 @@ class EvalPlan:
         return list(seen.values())
 
     def requests_todo(self) -> int:
-        by_task = {_task_key(t): {ex.doc_id: max(1, len(ex.requests)) for ex in t.examples} for t in self.tasks}
+        by_task = {
+            _task_key(t): {
+                ex.doc_id: max(1, len(ex.requests)) + len(ex.unconditional) * t.mutual_info for ex in t.examples
+            }
+            for t in self.tasks
+        }
         return sum(sum(by_task[tk][d] for d in docs) for (_, tk), docs in self.todo.items())
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,19 +141,32 @@ def load_tasks(
     *,
     data: str | Path | Mapping[str, str] | None = None,
     limit: int | Mapping[str, int] | None = None,
+    lm_eval_include: Sequence[str | Path] = (),
 ) -> list[TaskData]:
-    """Load tasks by name, groups expanded to their paradigms.
+    """Load tasks by name, groups expanded to their paradigms; ``lm_eval:NAME`` is lm-evaluation-harness's task.
 
     ``data`` is one file or folder for every task, or a mapping from the names given to their data; ``limit`` is
     one N for every task, or a mapping from the names given to N (a group's N applies to each of its paradigms).
+    ``lm_eval_include`` adds folders of lm-eval task YAMLs (lm-eval's ``--include_path``).
     """
+    from hubmerge.evaluation.tasks.lm_eval_tasks import is_lm_eval, load_lm_eval_tasks
+
     items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
     if not items:
         raise RecipeError(f"no task named in {names!r}; {known_tasks_hint()}")
     out: dict[str, TaskData] = {}
     for name in items:
-        where = data.get(name) if isinstance(data, Mapping) else data
         n = limit.get(name) if isinstance(limit, Mapping) else limit
+        if is_lm_eval(name):
+            if data is not None and (not isinstance(data, Mapping) or name in data):
+                raise RecipeError(
+                    f"{name}: lm-eval tasks read their data as their YAML says (dataset_path, data_files); "
+                    "--data applies to hubmerge's own tasks"
+                )
+            for t in load_lm_eval_tasks([name], lm_eval_include, n):
+                out.setdefault(t.name, t)
+            continue
+        where = data.get(name) if isinstance(data, Mapping) else data
         for t in expand_tasks(name, data=where):
             if t not in out:
                 out[t] = load_task(t, data=where, limit=n)
@@ -156,14 +174,20 @@ def load_tasks(
 
 
 def task_groups(names: Sequence[str], tasks: Sequence[TaskData]) -> dict[str, list[str]]:
-    """Group name -> its paradigms' task names, for each group (``blimp``) among ``names`` with 2+ loaded members."""
+    """Group name -> its member task names with 2+ loaded members: each group (``blimp``) among ``names``, and the
+    lm-eval groups of ``lm_eval:`` tasks."""
     loaded = {t.spec.name for t in tasks}
-    groups = {}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        spec = get_task_spec(name) if not name.endswith((".yaml", ".yml")) else None
-        if spec is not None and spec.is_group:
+        if name.endswith((".yaml", ".yml")) or name.startswith("lm_eval:"):
+            continue
+        spec = get_task_spec(name)
+        if spec.is_group:
             groups[name] = [t for t in loaded if t.startswith(f"{name}_")]
-    return {g: sorted(m) for g, m in groups.items() if len(m) >= 2}
+    for t in tasks:
+        for g in t.groups:
+            groups.setdefault(g, []).append(t.spec.name)
+    return {g: sorted(set(m)) for g, m in groups.items() if len(set(m)) >= 2}
 
 
 def plan_eval(
@@ -177,13 +201,15 @@ def plan_eval(
         for target in EvalPlan(targets, tasks, {}).unique_targets():
             for task in tasks:
                 done = store.done_docs(target.key, _task_key(task))
+                if task.mutual_info:  # acc_mutual_info needs the unconditional log-likelihoods too
+                    done &= store.done_docs(target.key, _task_key(task), unconditional=True)
                 missing = [ex.doc_id for ex in task.examples if ex.doc_id not in done]
                 if missing:
                     todo[(target.key, _task_key(task))] = missing
     return EvalPlan(targets, tasks, todo, ensemble)
 
 
-def _materialise(target: EvalTarget, client: HubClient, display: Display) -> Path:
+def materialise(target: EvalTarget, client: HubClient, display: Display) -> Path:
     """A local folder for the target: Hub revisions are pulled (weights, config and tokenizer)."""
     if target.path is not None:
         return target.path
@@ -220,12 +246,31 @@ def score_task(
             if progress:
                 progress(len(part))
         return batches
-    requests = [r for ex in examples for r in ex.requests]
+    requests = [(r, False) for ex in examples for r in ex.requests]
+    if task.mutual_info:  # each choice after an empty context: acc_mutual_info's denominators
+        requests += [(r, True) for ex in examples for r in ex.unconditional]
     for i in range(0, len(requests), COMMIT_EVERY):
         part = requests[i : i + COMMIT_EVERY]
-        res = score_requests(model, tokenizer, part, batch_size=batch_size, device=device, progress=progress)
-        batches.append({"keys": [(r.doc_id, r.choice) for r in part], "results": res})
+        res = score_requests(
+            model, tokenizer, [r for r, _ in part], batch_size=batch_size, device=device, progress=progress
+        )
+        for flag in (False, True):
+            keys = [(r.doc_id, r.choice) for r, unc in part if unc is flag]
+            if keys:
+                batches.append(
+                    {"keys": keys, "results": [x for x, (_, unc) in zip(res, part, strict=True) if unc is flag]}
+                    | ({"unconditional": True} if flag else {})
+                )
     return batches
+
+
+def store_batch(store: ResultsStore, model: str, task: str, batch: Mapping[str, Any]) -> None:
+    """One batch of :func:`score_task` into the store: log-likelihoods, or unconditional ones."""
+    rows = loglik_rows(model, task, batch["keys"], batch["results"])
+    if batch.get("unconditional"):
+        store.add_unconditional(rows)
+    else:
+        store.add_logliks(rows)
 
 
 @dataclass
@@ -255,16 +300,10 @@ def run_eval(
     result = EvalResult(plan)
     for task in plan.tasks:
         store.register_task(task)
+    for group, members in task_groups([], plan.tasks).items():
+        store.add_task_group(group, members)  # lm-eval's groups, which `hubmerge stability` pools
     for target in plan.targets:
-        store.register_model(
-            target.weight_hashes,
-            name=target.label,
-            repo=target.repo,
-            revision=target.revision,
-            commit=target.commit,
-            path=target.path,
-            step=target.step,
-        )
+        store.register_checkpoint(target)
     if use_ray or ray_address:
         result.scored = _run_ray(
             plan, store, client, batch_size=batch_size, device=device, address=ray_address, display=display
@@ -282,14 +321,14 @@ def run_eval(
                 ]
                 if not pending:
                     continue
-                path = _materialise(target, client, display)
+                path = materialise(target, client, display)
                 model, tokenizer = load_model(path, device=device)
                 for task, docs in pending:
                     bar.update(status=f"{target.label} / {task.spec.name}")
                     for batch in score_task(
                         model, tokenizer, task, docs, batch_size=batch_size, device=device, progress=bar.advance
                     ):
-                        store.add_logliks(loglik_rows(target.key, _task_key(task), batch["keys"], batch["results"]))
+                        store_batch(store, target.key, _task_key(task), batch)
                         result.scored += len(batch["keys"])
                 del model, tokenizer
                 gc.collect()
@@ -329,7 +368,7 @@ def _run_ray(
     try:
         import ray
     except ImportError as e:
-        raise HubmergeError("--ray needs Ray: pip install 'hubmerge[ray]'") from e
+        raise MissingExtraError("--ray needs Ray, an optional extra: pip install 'hubmerge[ray]'") from e
 
     started = not ray.is_initialized()
     if started:
@@ -351,7 +390,7 @@ def _run_ray(
                 done, pending = ray.wait(pending, num_returns=1)
                 target, task = futures[done[0]]
                 for batch in ray.get(done[0]):
-                    store.add_logliks(loglik_rows(target.key, _task_key(task), batch["keys"], batch["results"]))
+                    store_batch(store, target.key, _task_key(task), batch)
                     scored += len(batch["keys"])
                 bar.advance(1)
         return scored
@@ -371,6 +410,6 @@ def ray_score(
     """A Ray worker: get the model (pulling it into the worker's own HF cache if needed) and score one task."""
     from hubmerge.evaluation.scoring import load_model
 
-    path = _materialise(target, client, QUIET)
+    path = materialise(target, client, QUIET)
     model, tokenizer = load_model(path, device=device)
     return score_task(model, tokenizer, task, docs, batch_size=batch_size, device=device)

@@ -36,10 +36,23 @@ def first_line(err: BaseException) -> str:
 
 
 def is_transient(err: BaseException) -> bool:
-    """A dropped connection or timeout (worth retrying), as opposed to an HTTP error status."""
+    """A dropped connection or timeout (worth retrying), as opposed to an HTTP error status or offline mode.
+
+    The client's ``OfflineModeIsEnabled`` is a ``ConnectionError``, but retrying it only sleeps: it is final.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, HfHubHTTPError | OfflineModeIsEnabled):
+        return False
+    return isinstance(err, HTTPError | ConnectionError | TimeoutError)
+
+
+def is_unreachable(err: HubError) -> bool:
+    """A HubError raised because the Hub could not be reached at all (no network, offline mode, timeouts)."""
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
-    return isinstance(err, HTTPError | ConnectionError | TimeoutError) and not isinstance(err, HfHubHTTPError)
+    cause = err.__cause__  # offline mode and a missing cache entry are OSErrors; a refused connection, an HTTPError
+    return isinstance(cause, HTTPError | OSError) and not isinstance(cause, HfHubHTTPError)
 
 
 @dataclass(frozen=True)

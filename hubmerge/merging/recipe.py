@@ -116,6 +116,7 @@ class EvaluateConfig(_Strict):
 
     tasks: list[str] | str
     data: str | dict[str, str] | None = None  # one file/folder for all tasks, or task -> file
+    lm_eval_include: str | list[str] | None = None  # folders of lm-eval task YAMLs, for lm_eval:NAME tasks
     # First N examples of every task, or task -> N (a group's N applies to each of its paradigms).
     limit: int | dict[str, int] | None = None
     batch_size: int | None = Field(default=None, ge=1)
@@ -133,6 +134,11 @@ class EvaluateConfig(_Strict):
     def task_list(self) -> list[str]:
         names = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
         return [n.strip() for n in names if n.strip()]
+
+    @property
+    def include_list(self) -> list[str]:
+        inc = self.lm_eval_include
+        return [inc] if isinstance(inc, str) else list(inc or [])
 
     def limit_for(self, name: str) -> int | None:
         """The limit of task ``name`` as listed in ``tasks`` (a group name covers its paradigms)."""

@@ -29,6 +29,8 @@ from hubmerge.errors import StabilityError
 
 DEFAULT_METRICS = ("acc",)
 _STEP = re.compile(r"step[-_]?(\d+)", re.IGNORECASE)
+# lm-eval 0.3 files (Pythia's) name no groups; these subtask name patterns are the groups lm-eval 0.4 defines.
+NAMED_GROUPS = {"mmlu": re.compile(r"^hendrycksTest-"), "blimp": re.compile(r"^blimp_")}
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,16 @@ class EvalFile:
     model: str | None
     results: dict[str, dict[str, float]]
     num_fewshot: int | None = None
+    groups: dict[str, list[str]] = field(default_factory=dict)  # lm-eval 0.4 group -> its leaf tasks
+    sizes: dict[str, int] = field(default_factory=dict)  # task -> examples scored (n-samples effective)
 
     @property
     def label(self) -> str:
         return self.revision or (f"step{self.step}" if self.step is not None else self.path.stem)
 
 
-def _model_args(config: Mapping[str, Any]) -> dict[str, str]:
+def model_args(config: Mapping[str, Any]) -> dict[str, str]:
+    """``config.model_args`` as a mapping: lm-eval 0.4.13 writes a dict, older versions ``k=v,k=v``."""
     args = config.get("model_args")
     if isinstance(args, Mapping):
         return {str(k): str(v) for k, v in args.items()}
@@ -82,7 +87,7 @@ def read_results(path: str | Path, step: int | None = None) -> EvalFile:
     if not isinstance(data, Mapping) or not isinstance(data.get("results"), Mapping):
         raise StabilityError(f"{path}: no 'results' object; is this an lm-evaluation-harness result file?")
     config = data.get("config") if isinstance(data.get("config"), Mapping) else {}
-    args = _model_args(config)
+    args = model_args(config)
     revision = args.get("revision")
     model = args.get("pretrained") or (data.get("model_name") if isinstance(data.get("model_name"), str) else None)
     from_name = _STEP.search(path.stem)
@@ -97,7 +102,28 @@ def read_results(path: str | Path, step: int | None = None) -> EvalFile:
         step = int(found.group(1)) if found else None
     fewshot = config.get("num_fewshot")
     results = {str(task): _metrics(str(task), raw, path) for task, raw in data["results"].items()}
-    return EvalFile(path, step, revision, model, results, fewshot if isinstance(fewshot, int) else None)
+    subtasks = data.get("group_subtasks") if isinstance(data.get("group_subtasks"), Mapping) else {}
+    subtasks = {str(g): [str(t) for t in ts] for g, ts in subtasks.items() if isinstance(ts, list) and ts}
+    groups = {g: leaves for g in subtasks if (leaves := group_leaves(g, subtasks))}
+    counts = data.get("n-samples") if isinstance(data.get("n-samples"), Mapping) else {}
+    sizes = {
+        str(t): int(c["effective"])
+        for t, c in counts.items()
+        if isinstance(c, Mapping) and isinstance(c.get("effective"), int)
+    }
+    return EvalFile(path, step, revision, model, results, fewshot if isinstance(fewshot, int) else None, groups, sizes)
+
+
+def group_leaves(group: str, subtasks: Mapping[str, list[str]], seen: frozenset[str] = frozenset()) -> list[str]:
+    """A group's tasks, nested groups expanded (``group_subtasks`` lists subgroups by name; a name listed with no
+    members, as early 0.4 releases listed every standalone task, is a task)."""
+    out: list[str] = []
+    for member in subtasks.get(group, []):
+        if subtasks.get(member) and member not in seen:
+            out += group_leaves(member, subtasks, seen | {group})
+        else:
+            out.append(member)
+    return out
 
 
 def result_files(where: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -126,6 +152,14 @@ class LmEvalTrajectory:
     scores: dict[str, np.ndarray]
     stderr: dict[str, np.ndarray | None]
     skipped: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> member tasks with series
+    group_notes: dict[str, str] = field(default_factory=dict)  # how each group's series was made
+
+    @property
+    def headline(self) -> list[str]:
+        """What tables and plots show: each group's series in place of its members, and the other tasks."""
+        members = {m for ms in self.groups.values() for m in ms}
+        return [t for t in self.scores if t not in members]
 
     @property
     def steps(self) -> list[int | None]:
@@ -213,4 +247,47 @@ def load_results(
         err = f"{chosen[task]}_stderr"
         has_err = all(err in f.results[task] for f in files)
         stderr[task] = np.array([f.results[task][err] for f in files]) if has_err else None
-    return LmEvalTrajectory(tuple(files), next(iter(models), None), chosen, scores, stderr, skipped)
+    groups, notes = _groups(files, scores, chosen, stderr)
+    return LmEvalTrajectory(tuple(files), next(iter(models), None), chosen, scores, stderr, skipped, groups, notes)
+
+
+def _groups(
+    files: Sequence[EvalFile],
+    scores: dict[str, np.ndarray],
+    chosen: dict[str, str],
+    stderr: dict[str, np.ndarray | None],
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each lm-eval group among the series, with a series of its own: lm-eval's where the files hold it, else the
+    members' mean, size-weighted where every file gives the sizes (as lm-eval aggregates), unweighted otherwise.
+    ``scores`` and ``chosen`` gain the computed groups."""
+    declared: dict[str, list[str]] = {}
+    for f in files:
+        for g, members in f.groups.items():
+            declared.setdefault(g, list(dict.fromkeys(members)))
+    if not declared:  # lm-eval 0.3: groups by subtask name
+        for g, pattern in NAMED_GROUPS.items():
+            members = [t for t in scores if pattern.match(t)]
+            if members:
+                declared[g] = members
+    groups, notes = {}, {}
+    for g, members in declared.items():
+        have = [m for m in members if m in scores]
+        if len(have) < 2:
+            continue
+        groups[g] = have
+        if g in scores:
+            notes[g] = f"lm-eval's own score of the group ({len(have)} tasks)"
+            continue
+        metric_names = {chosen[m] for m in have}
+        sizes = [[f.sizes.get(m) for m in have] for f in files]
+        if all(all(isinstance(n, int) and n > 0 for n in row) for row in sizes):
+            weights = np.asarray(sizes, dtype=np.float64)
+            notes[g] = f"mean of {len(have)} tasks weighted by their sizes, as lm-eval aggregates a group"
+        else:
+            weights = np.ones((len(files), len(have)))
+            notes[g] = f"unweighted mean of {len(have)} tasks (the files give no task sizes)"
+        stacked = np.stack([scores[m] for m in have], axis=1)
+        scores[g] = (stacked * weights).sum(axis=1) / weights.sum(axis=1)
+        chosen[g] = metric_names.pop() if len(metric_names) == 1 else "mean score"
+        stderr[g] = None
+    return groups, notes

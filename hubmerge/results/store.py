@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -59,7 +59,7 @@ from hubmerge.results.keys import model_key, task_key
 if TYPE_CHECKING:
     from duckdb import DuckDBPyConnection
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results.duckdb"
 KINDS = ("multiple_choice", "minimal_pairs", "cloze", "perplexity")
 LOGLIK_COLUMNS = ("model_key", "task_key", "doc_id", "choice", "logprob", "is_greedy", "n_tokens")
@@ -75,7 +75,8 @@ CREATE TABLE model_names (name VARCHAR NOT NULL, model_key VARCHAR NOT NULL, PRI
 CREATE TABLE tasks (
     task_id INTEGER PRIMARY KEY, task_key VARCHAR UNIQUE NOT NULL, name VARCHAR NOT NULL, kind VARCHAR NOT NULL,
     data_hash VARCHAR NOT NULL, source VARCHAR, n_examples INTEGER);
-CREATE TABLE docs (task_id INTEGER, doc_id INTEGER, gold INTEGER, n_choices INTEGER, words INTEGER, bytes BIGINT);
+CREATE TABLE docs (
+    task_id INTEGER, doc_id INTEGER, gold INTEGER, n_choices INTEGER, words INTEGER, bytes BIGINT, doc_hash VARCHAR);
 CREATE TABLE choices (task_id INTEGER, doc_id INTEGER, choice INTEGER, chars INTEGER);
 CREATE TABLE logliks (
     model_id INTEGER, task_id INTEGER, doc_id INTEGER, choice INTEGER, logprob DOUBLE, is_greedy BOOLEAN,
@@ -83,10 +84,34 @@ CREATE TABLE logliks (
 CREATE TABLE predictions (
     model_id INTEGER, task_id INTEGER, doc_id INTEGER, gold INTEGER, pred INTEGER, pred_norm INTEGER,
     correct BOOLEAN, correct_norm BOOLEAN);
+CREATE TABLE imports (
+    model_id INTEGER, task_id INTEGER, tool VARCHAR, tool_version VARCHAR, file VARCHAR, date VARCHAR, filter VARCHAR,
+    rows BIGINT, keyed_by VARCHAR, PRIMARY KEY (model_id, task_id));
+CREATE TABLE task_groups (group_name VARCHAR NOT NULL, task_name VARCHAR NOT NULL, PRIMARY KEY (group_name, task_name));
+CREATE TABLE unconditional (model_id INTEGER, task_id INTEGER, doc_id INTEGER, choice INTEGER, logprob DOUBLE);
 """
 
+
+def _v1_to_v2(con: DuckDBPyConnection) -> None:
+    """Version 2 records where imported rows came from, lm-eval's task groups, each document's hash, and the
+    unconditional log-likelihoods ``acc_mutual_info`` divides by."""
+    con.execute("ALTER TABLE docs ADD COLUMN IF NOT EXISTS doc_hash VARCHAR")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS imports (model_id INTEGER, task_id INTEGER, tool VARCHAR, tool_version VARCHAR, "
+        "file VARCHAR, date VARCHAR, filter VARCHAR, rows BIGINT, keyed_by VARCHAR, PRIMARY KEY (model_id, task_id))"
+    )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS task_groups (group_name VARCHAR NOT NULL, task_name VARCHAR NOT NULL, "
+        "PRIMARY KEY (group_name, task_name))"
+    )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS unconditional (model_id INTEGER, task_id INTEGER, doc_id INTEGER, choice INTEGER, "
+        "logprob DOUBLE)"
+    )
+
+
 # Upgrades of older stores: _MIGRATIONS[v] turns schema version v into v + 1 inside the open transaction.
-_MIGRATIONS: dict[int, Any] = {}
+_MIGRATIONS: dict[int, Any] = {1: _v1_to_v2}
 
 
 def default_results_dir() -> Path:
@@ -183,6 +208,7 @@ class Score:
     n_examples: int
     acc: float | None = None
     acc_norm: float | None = None
+    acc_mutual_info: float | None = None  # multiple choice with unconditional log-likelihoods stored
     perplexity: float | None = None
     word_perplexity: float | None = None
     byte_perplexity: float | None = None
@@ -200,6 +226,7 @@ _SCORE_TYPES = {
     "n_examples": "BIGINT",
     "acc": "DOUBLE",
     "acc_norm": "DOUBLE",
+    "acc_mutual_info": "DOUBLE",
     "perplexity": "DOUBLE",
     "word_perplexity": "DOUBLE",
     "byte_perplexity": "DOUBLE",
@@ -256,6 +283,43 @@ class TaskArrays:
         return (complete, *mats)
 
 
+_ROW_DTYPES = {"doc_id": np.int32, "choice": np.int32, "logprob": np.float64, "is_greedy": bool, "n_tokens": np.int32}
+_ROW_COLUMNS = tuple(_ROW_DTYPES)
+_IMPORT_TEXT = ("tool", "tool_version", "file", "date", "filter", "keyed_by")
+
+
+def _refuse_nan(cols: Mapping[str, np.ndarray], pair: bool = False) -> None:
+    """``pair``: the key columns hold one value, the pair's."""
+    nan = np.isnan(cols["logprob"])
+    if nan.any():
+        i = int(np.argmax(nan))
+        k = 0 if pair else i
+        raise ScoresError(
+            f"NaN log-likelihood for {cols['task_key'][k]} example {cols['doc_id'][i]} choice {cols['choice'][i]} "
+            f"(model {str(cols['model_key'][k])[:12]}); nothing stored from this batch. Scoring overflowed: "
+            "evaluate in float32"
+        )
+
+
+class Checkpointed(Protocol):
+    """What the store records of a checkpoint."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def weight_hashes(self) -> Sequence[str]: ...
+    @property
+    def repo(self) -> str | None: ...
+    @property
+    def revision(self) -> str | None: ...
+    @property
+    def commit(self) -> str | None: ...
+    @property
+    def path(self) -> str | Path | None: ...
+    @property
+    def step(self) -> int | None: ...
+
+
 def _ids_sql(column: str, ids: Iterable[int] | None) -> str:
     """A filter on our own integer ids (never user text), inlined so DuckDB can skip row groups by min/max."""
     if ids is None:
@@ -282,6 +346,7 @@ class ResultsStore:
         self.wait = wait
         self._con: Any = None
         self._depth = 0
+        self._in_transaction = False
         self._checked = False
         self._tasks: dict[int, TaskArrays] = {}
         if read_only and not self.path.is_file():
@@ -353,9 +418,34 @@ class ResultsStore:
             con.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[ResultsStore]:
+        """Every write in the block commits together, or none does (an import of one folder is one transaction)."""
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; nothing can be written")
+        with self:
+            if self._in_transaction:
+                yield self
+                return
+            self._con.begin()
+            self._in_transaction = True
+            try:
+                yield self
+            except BaseException:
+                self._con.rollback()
+                self._tasks.clear()  # tasks registered in the rolled-back block are gone
+                raise
+            else:
+                self._con.commit()
+            finally:
+                self._in_transaction = False
+
+    @contextmanager
     def _transaction(self) -> Iterator[Any]:
         if self.read_only:
             raise StoreError(f"{self.path}: opened read-only; nothing can be written")
+        if self._in_transaction:  # part of the caller's transaction
+            yield self._con
+            return
         with self._db() as con:
             con.begin()
             try:
@@ -408,6 +498,18 @@ class ResultsStore:
 
     # -- registration ---------------------------------------------------------------------------------------
 
+    def register_checkpoint(self, ckpt: Checkpointed) -> str:
+        """:meth:`register_model` of anything that says which checkpoint it is (an eval target, an imported run)."""
+        return self.register_model(
+            ckpt.weight_hashes,
+            name=ckpt.label,
+            repo=ckpt.repo,
+            revision=ckpt.revision,
+            commit=ckpt.commit,
+            path=ckpt.path,
+            step=ckpt.step,
+        )
+
     def register_model(
         self,
         weight_hashes: Sequence[str],
@@ -419,10 +521,17 @@ class ResultsStore:
         path: str | Path | None = None,
         step: int | None = None,
     ) -> str:
-        """Record a model under ``name``; returns its content key. Known weights keep their first record."""
+        """Record a model under ``name``; returns its content key. Known weights keep their first record, and learn
+        what it lacked: a folder scored first, then imported from the Hub, gains its repo, revision and step."""
         key = model_key(weight_hashes)
         with self._transaction() as con:
-            if not con.execute("SELECT 1 FROM models WHERE model_key = ?", [key]).fetchall():
+            if con.execute("SELECT 1 FROM models WHERE model_key = ?", [key]).fetchall():
+                con.execute(
+                    'UPDATE models SET repo = coalesce(repo, ?), revision = coalesce(revision, ?), "commit" = '
+                    'coalesce("commit", ?), path = coalesce(path, ?), step = coalesce(step, ?) WHERE model_key = ?',
+                    [repo, revision, commit, None if path is None else str(path), step, key],
+                )
+            else:
                 (new_id,) = con.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchall()[0]
                 con.execute(
                     "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -448,29 +557,80 @@ class ResultsStore:
         ``data_hash`` and ``source``.
         """
         spec = task.spec
-        if spec.kind not in KINDS:
-            raise StoreError(f"task {spec.name}: unknown kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
-        key = task_key(spec.name, task.data_hash)
-        docs: dict[str, list[int]] = {k: [] for k in ("doc_id", "gold", "n_choices", "words", "bytes")}
-        choices: dict[str, list[int]] = {"doc_id": [], "choice": [], "chars": []}
+        n_choices, chars, words, n_bytes = [], [], [], []
         for ex in task.examples:
             n = 1 if spec.kind == "perplexity" else len(ex.requests)
             if n == 0:
                 raise StoreError(f"task {spec.name}: example {ex.doc_id} has no requests to score")
-            text = (ex.text or "") if spec.kind == "perplexity" else ""
-            docs["doc_id"].append(ex.doc_id)
-            docs["gold"].append(ex.gold)
-            docs["n_choices"].append(n)
-            docs["words"].append(ens.count_words(text) if text else 0)
-            docs["bytes"].append(ens.count_bytes(text))
-            for c in range(n):
-                choices["doc_id"].append(ex.doc_id)
-                choices["choice"].append(c)
-                choices["chars"].append(len(ex.choices[c]) if c < len(ex.choices) else 0)
-        if len(set(docs["doc_id"])) != len(docs["doc_id"]):
-            raise StoreError(f"task {spec.name}: duplicate doc_id among its examples")
-        new_docs = {k: np.asarray(v, dtype=np.int64) for k, v in docs.items()}
-        new_choices = {k: np.asarray(v, dtype=np.int64) for k, v in choices.items()}
+            # lm-eval counts a text's words and bytes where Example.count_text says (wikitext: before detokenising)
+            count = getattr(ex, "count_text", None)
+            text = (count if count is not None else ex.text or "") if spec.kind == "perplexity" else ""
+            n_choices.append(n)
+            counted = getattr(ex, "counts", None)  # (words, bytes) a task's own code counted (lm-eval's)
+            words.append(counted[0] if counted else ens.count_words(text) if text else 0)
+            n_bytes.append(counted[1] if counted else ens.count_bytes(text))
+            chars += [len(ex.choices[c]) if c < len(ex.choices) else 0 for c in range(n)]
+        return self.register_task_arrays(
+            spec.name,
+            spec.kind,
+            task.data_hash,
+            str(getattr(task, "source", "")),
+            doc_ids=[ex.doc_id for ex in task.examples],
+            gold=[ex.gold for ex in task.examples],
+            n_choices=n_choices,
+            chars=chars,
+            words=words,
+            n_bytes=n_bytes,
+            doc_hashes=getattr(task, "doc_hashes", None),
+        )
+
+    def register_task_arrays(
+        self,
+        name: str,
+        kind: str,
+        data_hash: str,
+        source: str,
+        *,
+        doc_ids: Sequence[int] | np.ndarray,
+        gold: Sequence[int] | np.ndarray,
+        n_choices: Sequence[int] | np.ndarray,
+        chars: Sequence[int] | np.ndarray,
+        words: Sequence[int] | np.ndarray,
+        n_bytes: Sequence[int] | np.ndarray,
+        doc_hashes: Sequence[str | None] | None = None,
+    ) -> str:
+        """Record a task from arrays (one entry per example; ``chars`` one per choice, examples in order).
+
+        Re-registering adds new examples only; an example already stored keeps its record.
+        """
+        if kind not in KINDS:
+            raise StoreError(f"task {name}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        key = task_key(name, data_hash)
+        new_docs: dict[str, Any] = {
+            k: np.asarray(v, dtype=np.int64)
+            for k, v in (
+                ("doc_id", doc_ids),
+                ("gold", gold),
+                ("n_choices", n_choices),
+                ("words", words),
+                ("bytes", n_bytes),
+            )
+        }
+        count = new_docs["n_choices"]
+        if len(np.unique(new_docs["doc_id"])) != len(new_docs["doc_id"]):
+            raise StoreError(f"task {name}: duplicate doc_id among its examples")
+        chars_arr = np.asarray(chars, dtype=np.int64)
+        if len(chars_arr) != int(count.sum()):
+            raise StoreError(f"task {name}: {len(chars_arr)} choice lengths for {int(count.sum())} choices")
+        new_docs["doc_hash"] = np.asarray(
+            list(doc_hashes) if doc_hashes is not None else [None] * len(count), dtype=object
+        )
+        starts = np.repeat(np.cumsum(count) - count, count)
+        new_choices = {
+            "doc_id": np.repeat(new_docs["doc_id"], count),
+            "choice": np.arange(len(chars_arr), dtype=np.int64) - starts,
+            "chars": chars_arr,
+        }
         with self._transaction() as con:
             row = con.execute("SELECT task_id FROM tasks WHERE task_key = ?", [key]).fetchall()
             if row:
@@ -478,20 +638,32 @@ class ResultsStore:
             else:
                 (task_id,) = con.execute("SELECT coalesce(max(task_id), 0) + 1 FROM tasks").fetchall()[0]
                 con.execute(
-                    "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, 0)",
-                    [task_id, key, spec.name, spec.kind, task.data_hash, str(getattr(task, "source", ""))],
+                    "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, 0)", [task_id, key, name, kind, data_hash, source]
                 )
             con.register("new_docs", new_docs)
             con.register("new_choices", new_choices)
             try:
+                clash = con.execute(
+                    "SELECT n.doc_id, d.doc_hash, n.doc_hash FROM new_docs n JOIN docs d ON d.doc_id = n.doc_id "
+                    "WHERE d.task_id = ? AND d.doc_hash <> n.doc_hash ORDER BY n.doc_id LIMIT 1",
+                    [task_id],
+                ).fetchall()
+                if clash:
+                    doc, stored, new = clash[0]
+                    raise StoreError(
+                        f"task {name}: example {doc} is another document than the one stored under the same task "
+                        f"(doc_hash {str(new)[:12]} vs {str(stored)[:12]}): its data changed since it was stored in "
+                        f"{self.path}; use another results folder"
+                    )
                 con.execute(
-                    "INSERT INTO docs SELECT ?, n.doc_id, n.gold, n.n_choices, n.words, n.bytes FROM new_docs n "
+                    "INSERT INTO docs (task_id, doc_id, gold, n_choices, words, bytes, doc_hash) "
+                    "SELECT ?, n.doc_id, n.gold, n.n_choices, n.words, n.bytes, n.doc_hash FROM new_docs n "
                     "WHERE n.doc_id NOT IN (SELECT doc_id FROM docs WHERE task_id = ?)",
                     [task_id, task_id],
                 )
                 con.execute(
-                    "INSERT INTO choices SELECT ?, n.doc_id, n.choice, n.chars FROM new_choices n "
-                    "WHERE n.doc_id NOT IN (SELECT doc_id FROM choices WHERE task_id = ?)",
+                    "INSERT INTO choices (task_id, doc_id, choice, chars) SELECT ?, n.doc_id, n.choice, n.chars "
+                    "FROM new_choices n WHERE n.doc_id NOT IN (SELECT doc_id FROM choices WHERE task_id = ?)",
                     [task_id, task_id],
                 )
             finally:
@@ -503,6 +675,132 @@ class ResultsStore:
             )
         self._tasks.pop(task_id, None)
         return key
+
+    def doc_hashes(self, task_key: str) -> dict[int, str]:
+        """The stored hash of each example of a task that has one (imports record lm-eval's ``doc_hash``)."""
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT d.doc_id, d.doc_hash FROM docs d JOIN tasks t USING (task_id) "
+                "WHERE t.task_key = ? AND d.doc_hash IS NOT NULL",
+                [task_key],
+            ).fetchall()
+        return {int(d): str(h) for d, h in rows}
+
+    # -- imports and groups ------------------------------------------------------------------------------------
+
+    def import_record(self, model_key: str, task_key: str) -> dict[str, Any] | None:
+        """Where the stored scores of (model, task) came from, when they were imported; None otherwise."""
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT i.tool, i.tool_version, i.file, i.date, i.filter, i.rows, i.keyed_by FROM imports i "
+                "JOIN models m USING (model_id) JOIN tasks t USING (task_id) WHERE m.model_key = ? AND t.task_key = ?",
+                [model_key, task_key],
+            ).fetchall()
+        cols = ("tool", "tool_version", "file", "date", "filter", "rows", "keyed_by")
+        return dict(zip(cols, rows[0], strict=True)) if rows else None
+
+    def imports(self) -> list[dict[str, Any]]:
+        """Every import record, with model and task names."""
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT m.model_key, m.label, t.task_key, t.name, i.tool, i.tool_version, i.file, i.date, i.filter, "
+                "i.rows, i.keyed_by FROM imports i JOIN models m USING (model_id) JOIN tasks t USING (task_id) "
+                "ORDER BY t.name, m.step NULLS LAST, m.label"
+            ).fetchall()
+        cols = ("model_key", "model", "task_key", "task", "tool", "tool_version", "file", "date", "filter", "rows")
+        return [dict(zip((*cols, "keyed_by"), r, strict=True)) for r in rows]
+
+    def import_records(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """``{(model_key, task_key): record}`` of every import, in one query (an import checks hundreds of pairs)."""
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT m.model_key, t.task_key, i.tool, i.tool_version, i.file, i.date, i.filter, i.rows, i.keyed_by "
+                "FROM imports i JOIN models m USING (model_id) JOIN tasks t USING (task_id)"
+            ).fetchall()
+        cols = ("tool", "tool_version", "file", "date", "filter", "rows", "keyed_by")
+        return {(r[0], r[1]): dict(zip(cols, r[2:], strict=True)) for r in rows}
+
+    def record_import(
+        self,
+        model_key: str,
+        task_key: str,
+        *,
+        tool: str,
+        tool_version: str | None,
+        file: str,
+        date: str,
+        filter: str,
+        rows: int,
+        keyed_by: str,
+    ) -> None:
+        """Remember where (model, task)'s scores came from (replacing an earlier import of the pair)."""
+        self.record_imports(
+            [
+                {
+                    "model_key": model_key,
+                    "task_key": task_key,
+                    "tool": tool,
+                    "tool_version": tool_version,
+                    "file": file,
+                    "date": date,
+                    "filter": filter,
+                    "rows": rows,
+                    "keyed_by": keyed_by,
+                }
+            ]
+        )
+
+    def record_imports(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """:meth:`record_import` for many pairs in one statement; each record has its arguments as keys."""
+        if not records:
+            return
+        with self._transaction() as con:
+            model_ids = self._ids_of(con, "models", "model", [r["model_key"] for r in records])
+            task_ids = self._ids_of(con, "tasks", "task", [r["task_key"] for r in records])
+            for r in records:
+                if r["model_key"] not in model_ids or r["task_key"] not in task_ids:
+                    raise StoreError(
+                        f"model {r['model_key'][:12]} or task {r['task_key']} is not registered in {self.path}"
+                    )
+            new = {
+                "model_id": np.asarray([model_ids[r["model_key"]] for r in records], dtype=np.int32),
+                "task_id": np.asarray([task_ids[r["task_key"]] for r in records], dtype=np.int32),
+                **{k: np.asarray([r[k] for r in records], dtype=object) for k in _IMPORT_TEXT},
+                "rows": np.asarray([int(r["rows"]) for r in records], dtype=np.int64),
+            }
+            con.register("new_imports", new)
+            try:
+                con.execute(
+                    "INSERT OR REPLACE INTO imports SELECT model_id, task_id, tool, tool_version, file, date, filter, "
+                    "rows, keyed_by FROM new_imports"
+                )
+            finally:
+                con.unregister("new_imports")
+
+    def remove_scores(self, model_key: str, task_key: str) -> None:
+        """Forget every stored log-likelihood and prediction of (model, task): a newer import replaces them."""
+        with self._transaction() as con:
+            pair = self._resolve_pair(con, model_key, task_key)
+            if pair is None:
+                return
+            model_id, task = pair
+            for table in ("logliks", "unconditional", "predictions", "imports"):
+                con.execute(f"DELETE FROM {table} WHERE model_id = ? AND task_id = ?", [model_id, task.task_id])
+
+    def add_task_group(self, group: str, members: Iterable[str]) -> None:
+        """Record that task names ``members`` form lm-eval's group ``group`` (tables show it pooled)."""
+        with self._transaction() as con:
+            for member in sorted(set(members)):
+                con.execute("INSERT OR IGNORE INTO task_groups VALUES (?, ?)", [group, member])
+
+    def task_groups(self) -> dict[str, list[str]]:
+        """Group name -> its member task names, as imports recorded them."""
+        with self._db() as con:
+            rows = con.execute("SELECT group_name, task_name FROM task_groups ORDER BY 1, 2").fetchall()
+        out: dict[str, list[str]] = {}
+        for group, task in rows:
+            out.setdefault(group, []).append(task)
+        return out
 
     # -- lookups --------------------------------------------------------------------------------------------
 
@@ -578,15 +876,17 @@ class ResultsStore:
 
     # -- writing scores ---------------------------------------------------------------------------------------
 
-    def done_docs(self, model_key: str, task_key: str) -> set[int]:
-        """Examples of the task whose every choice is stored for the model: what a run can skip."""
+    def done_docs(self, model_key: str, task_key: str, *, unconditional: bool = False) -> set[int]:
+        """Examples of the task whose every choice is stored for the model: what a run can skip. ``unconditional``:
+        those whose every unconditional log-likelihood is stored (``acc_mutual_info`` needs both)."""
+        table = "unconditional" if unconditional else "logliks"
         with self._db() as con:
             pair = self._resolve_pair(con, model_key, task_key)
             if pair is None:
                 return set()
             model_id, task = pair
             r = con.execute(
-                "SELECT doc_id, count(*) AS n FROM logliks WHERE model_id = ? AND task_id = ? GROUP BY doc_id",
+                f"SELECT doc_id, count(*) AS n FROM {table} WHERE model_id = ? AND task_id = ? GROUP BY doc_id",
                 [model_id, task.task_id],
             ).fetchnumpy()
         if len(r["doc_id"]) == 0:
@@ -605,65 +905,205 @@ class ResultsStore:
         cols = _columns(rows)
         if not cols or len(cols["doc_id"]) == 0:
             return 0
+        _refuse_nan(cols)
+        pairs = sorted(set(zip(cols["model_key"].tolist(), cols["task_key"].tolist(), strict=True)))
+        batches = []
+        for mkey, tkey in pairs:
+            sel = (cols["model_key"] == mkey) & (cols["task_key"] == tkey)
+            batches.append((mkey, tkey, {k: cols[k][sel] for k in _ROW_COLUMNS}))
+        with self._transaction() as con:
+            self._write_logliks(con, batches)
+        return len(cols["doc_id"])
+
+    def add_pair_logliks(self, batches: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
+        """Many (model, task) pairs' rows at once, each pair as ``(model_key, task_key, columns)`` without key columns.
+
+        An import writes a hundred revisions this way: the pairs the store holds nothing of go in with one INSERT
+        of their rows and one of their predictions (computed from the rows given, with no read-back), rather than a
+        DELETE, INSERT and read-back each. Returns the number of rows written.
+        """
+        norm = []
+        for mkey, tkey, rows in batches:
+            cols = {k: np.asarray(rows[k], dtype=dtype) for k, dtype in _ROW_DTYPES.items()}
+            if len({len(v) for v in cols.values()}) != 1:
+                raise StoreError(f"log-likelihood columns of {tkey} have different lengths")
+            if len(cols["doc_id"]):
+                _refuse_nan({**cols, "model_key": np.asarray([mkey]), "task_key": np.asarray([tkey])}, pair=True)
+                norm.append((mkey, tkey, cols))
+        if len({(m, t) for m, t, _ in norm}) != len(norm):
+            raise StoreError("add_pair_logliks: a (model, task) pair is given twice; give each pair's rows once")
+        if norm:
+            with self._transaction() as con:
+                self._write_logliks(con, norm)
+        return sum(len(b["doc_id"]) for _, _, b in norm)
+
+    def _write_logliks(self, con: DuckDBPyConnection, batches: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        model_ids = self._ids_of(con, "models", "model", [m for m, _, _ in batches])
+        task_ids = self._ids_of(con, "tasks", "task", [t for _, t, _ in batches])
+        resolved = []
+        for mkey, tkey, batch in batches:
+            if mkey not in model_ids or tkey not in task_ids:
+                raise StoreError(f"add_logliks: model {mkey[:12]} or task {tkey} is not registered in {self.path}")
+            task = self._task(con, task_ids[tkey])
+            task.positions(batch["doc_id"], batch["choice"])
+            keys = batch["doc_id"].astype(np.int64) * (1 << 20) + batch["choice"]
+            if len(np.unique(keys)) != len(keys):
+                raise StoreError(f"add_logliks: a (doc_id, choice) appears twice in one batch for {tkey}")
+            resolved.append((model_ids[mkey], task, batch))
+        held = {
+            (int(m), int(t))
+            for m, t in con.execute(
+                "SELECT DISTINCT model_id, task_id FROM logliks WHERE "
+                f"{_ids_sql('task_id', [t.task_id for _, t, _ in resolved])} AND "
+                f"{_ids_sql('model_id', [m for m, _, _ in resolved])}"
+            ).fetchall()
+        }
+        fresh = [r for r in resolved if (r[0], r[1].task_id) not in held]
+        for model_id, task, batch in resolved:
+            if (model_id, task.task_id) in held:
+                self._merge_logliks(con, model_id, task, batch)
+        if not fresh:
+            return
+        # Nothing of these pairs is stored: their rows are every row they have, and their predictions follow from them.
+        rows = {
+            "model_id": np.concatenate([np.full(len(b["doc_id"]), m, dtype=np.int32) for m, _, b in fresh]),
+            "task_id": np.concatenate([np.full(len(b["doc_id"]), t.task_id, dtype=np.int32) for _, t, b in fresh]),
+            **{k: np.concatenate([b[k] for _, _, b in fresh]) for k in _ROW_COLUMNS},
+        }
+        made = [
+            p
+            for m, t, b in fresh
+            if (p := self._predictions(m, t, b["doc_id"], b["choice"], b["logprob"], b["is_greedy"])) is not None
+        ]
+        con.register("batch_rows", rows)
+        try:
+            con.execute(
+                "INSERT INTO logliks SELECT model_id, task_id, doc_id, choice, logprob, is_greedy, n_tokens "
+                "FROM batch_rows"
+            )
+        finally:
+            con.unregister("batch_rows")
+        if made:
+            self._insert_predictions(con, {k: np.concatenate([p[k] for p in made]) for k in made[0]})
+
+    def _ids_of(self, con: DuckDBPyConnection, table: str, kind: str, keys: Iterable[str]) -> dict[str, int]:
+        """``{key: id}`` of the given model or task keys that are registered, in one query."""
+        rows = con.execute(
+            f"SELECT {kind}_key, {kind}_id FROM {table} WHERE {kind}_key IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted(set(keys))],
+        ).fetchall()
+        return {str(k): int(i) for k, i in rows}
+
+    def _merge_logliks(self, con: DuckDBPyConnection, model_id: int, task: TaskArrays, batch: dict[str, Any]) -> None:
+        """Rows of a pair the store already holds some of: replace re-sent ones, then re-derive from the store."""
+        docs = {"doc_id": np.unique(batch["doc_id"])}
+        con.register("batch_rows", batch)
+        con.register("batch_docs", docs)
+        try:
+            where = (
+                "model_id = ? AND task_id = ? AND doc_id BETWEEN ? AND ? AND doc_id IN (SELECT doc_id FROM batch_docs)"
+            )
+            args = [model_id, task.task_id, int(docs["doc_id"][0]), int(docs["doc_id"][-1])]
+            con.execute(
+                "DELETE FROM logliks USING batch_rows b WHERE logliks.model_id = ? AND logliks.task_id = ? AND "
+                "logliks.doc_id BETWEEN ? AND ? AND logliks.doc_id = b.doc_id AND logliks.choice = b.choice",
+                args,
+            )
+            con.execute(
+                "INSERT INTO logliks SELECT ?, ?, doc_id, choice, logprob, is_greedy, n_tokens FROM batch_rows",
+                [model_id, task.task_id],
+            )
+            self._derive(con, model_id, task, where, args)
+        finally:
+            con.unregister("batch_rows")
+            con.unregister("batch_docs")
+
+    def add_unconditional(self, rows: Mapping[str, Any]) -> int:
+        """Store unconditional log-likelihoods (each choice scored after an empty context), the denominators of
+        lm-eval's ``acc_mutual_info``; columns as :func:`loglik_rows` makes them. A re-sent row replaces the stored
+        one. Returns the number of rows written."""
+        cols = _columns(rows)
+        if not cols or len(cols["doc_id"]) == 0:
+            return 0
         nan = np.isnan(cols["logprob"])
         if nan.any():
             i = int(np.argmax(nan))
             raise ScoresError(
-                f"NaN log-likelihood for {cols['task_key'][i]} example {cols['doc_id'][i]} choice {cols['choice'][i]} "
-                f"(model {str(cols['model_key'][i])[:12]}); nothing stored from this batch. Scoring overflowed: "
-                "evaluate in float32"
+                f"NaN unconditional log-likelihood for {cols['task_key'][i]} example {cols['doc_id'][i]} choice "
+                f"{cols['choice'][i]}; nothing stored from this batch"
             )
         pairs = sorted(set(zip(cols["model_key"].tolist(), cols["task_key"].tolist(), strict=True)))
         with self._transaction() as con:
             for mkey, tkey in pairs:
                 pair = self._resolve_pair(con, mkey, tkey)
                 if pair is None:
-                    raise StoreError(f"add_logliks: model {mkey[:12]} or task {tkey} is not registered in {self.path}")
+                    raise StoreError(f"add_unconditional: model {mkey[:12]} or task {tkey} is not registered")
                 model_id, task = pair
                 sel = (cols["model_key"] == mkey) & (cols["task_key"] == tkey)
-                batch = {k: cols[k][sel] for k in ("doc_id", "choice", "logprob", "is_greedy", "n_tokens")}
+                batch = {k: cols[k][sel] for k in ("doc_id", "choice", "logprob")}
                 task.positions(batch["doc_id"], batch["choice"])
-                keys = batch["doc_id"].astype(np.int64) * (1 << 20) + batch["choice"]
-                if len(np.unique(keys)) != len(keys):
-                    raise StoreError(f"add_logliks: a (doc_id, choice) appears twice in one batch for {tkey}")
-                docs = {"doc_id": np.unique(batch["doc_id"])}
                 con.register("batch_rows", batch)
-                con.register("batch_docs", docs)
                 try:
-                    where = (
-                        "model_id = ? AND task_id = ? AND doc_id BETWEEN ? AND ? "
-                        "AND doc_id IN (SELECT doc_id FROM batch_docs)"
-                    )
-                    args = [model_id, task.task_id, int(docs["doc_id"][0]), int(docs["doc_id"][-1])]
                     con.execute(
-                        "DELETE FROM logliks USING batch_rows b WHERE logliks.model_id = ? AND logliks.task_id = ? AND "
-                        "logliks.doc_id BETWEEN ? AND ? AND logliks.doc_id = b.doc_id AND logliks.choice = b.choice",
-                        args,
-                    )
-                    con.execute(
-                        "INSERT INTO logliks SELECT ?, ?, doc_id, choice, logprob, is_greedy, n_tokens FROM batch_rows",
+                        "DELETE FROM unconditional u WHERE model_id = ? AND task_id = ? AND EXISTS (SELECT 1 FROM "
+                        "batch_rows b WHERE b.doc_id = u.doc_id AND b.choice = u.choice)",
                         [model_id, task.task_id],
                     )
-                    self._derive(con, model_id, task, where, args)
+                    con.execute(
+                        "INSERT INTO unconditional SELECT ?, ?, doc_id, choice, logprob FROM batch_rows",
+                        [model_id, task.task_id],
+                    )
                 finally:
                     con.unregister("batch_rows")
-                    con.unregister("batch_docs")
-        return len(cols["doc_id"])
+        return int(len(cols["doc_id"]))
+
+    def _mutual_info(self, con: DuckDBPyConnection, where: str) -> dict[tuple[int, int], tuple[int, float]]:
+        """(model, task) -> (examples, acc_mutual_info) where unconditional log-likelihoods are stored: the argmax
+        of log p(choice | context) - log p(choice), over examples with every choice of both, as lm-eval scores it."""
+        r = con.execute(
+            "SELECT l.model_id, l.task_id, l.doc_id, l.choice, l.logprob - u.logprob AS mi FROM logliks l "
+            f"JOIN unconditional u USING (model_id, task_id, doc_id, choice) WHERE {where} ORDER BY 1, 2",
+        ).fetchnumpy()
+        out: dict[tuple[int, int], tuple[int, float]] = {}
+        if len(r["doc_id"]) == 0:
+            return out
+        pairs = np.stack([r["model_id"], r["task_id"]], axis=1)
+        for model_id, task_id in np.unique(pairs, axis=0):
+            sel = (r["model_id"] == model_id) & (r["task_id"] == task_id)
+            task = self._task(con, int(task_id))
+            pos, mi = task.assemble(r["doc_id"][sel].astype(np.int64), r["choice"][sel], r["mi"][sel])
+            if len(pos):
+                pred = np.argmax(np.where(np.isnan(mi), -np.inf, mi), axis=1)  # ties: the first, as numpy's argmax
+                out[(int(model_id), int(task_id))] = (len(pos), float(np.mean(pred == task.gold[pos])))
+        return out
 
     def _derive(self, con: DuckDBPyConnection, model_id: int, task: TaskArrays, where: str, args: list[Any]) -> None:
         """(Re)compute the stored predictions of the batch's complete examples from their stored log-likelihoods."""
         if task.kind == "perplexity":
             return
         r = con.execute(f"SELECT doc_id, choice, logprob, is_greedy FROM logliks WHERE {where}", args).fetchnumpy()
-        pos, ll, greedy = task.assemble(r["doc_id"].astype(np.int64), r["choice"], r["logprob"], r["is_greedy"])
+        new = self._predictions(model_id, task, r["doc_id"].astype(np.int64), r["choice"], r["logprob"], r["is_greedy"])
+        con.execute(f"DELETE FROM predictions WHERE {where}", args)
+        if new is not None:
+            self._insert_predictions(con, new)
+
+    @staticmethod
+    def _predictions(
+        model_id: int, task: TaskArrays, doc_ids: np.ndarray, choices: np.ndarray, ll: np.ndarray, greedy: np.ndarray
+    ) -> dict[str, np.ndarray] | None:
+        """The predictions rows of the complete examples among these log-likelihoods (None for perplexity tasks)."""
+        if task.kind == "perplexity":
+            return None
+        pos, ll_m, greedy_m = task.assemble(doc_ids.astype(np.int64), choices, ll, greedy)
         if task.kind == "cloze":
-            pred = np.where(greedy[:, 0], 0, -1)
+            pred = np.where(greedy_m[:, 0], 0, -1)
             pred_norm = pred
         else:
-            pred, pred_norm = ens.predictions(ll, task.chars[pos])
+            pred, pred_norm = ens.predictions(ll_m, task.chars[pos])
         gold = task.gold[pos]
-        con.execute(f"DELETE FROM predictions WHERE {where}", args)
-        new = {
+        return {
+            "model_id": np.full(len(pos), model_id, dtype=np.int32),
+            "task_id": np.full(len(pos), task.task_id, dtype=np.int32),
             "doc_id": task.doc_ids[pos],
             "gold": gold,
             "pred": pred,
@@ -671,12 +1111,14 @@ class ResultsStore:
             "correct": pred == gold,
             "correct_norm": pred_norm == gold,
         }
+
+    @staticmethod
+    def _insert_predictions(con: DuckDBPyConnection, new: dict[str, np.ndarray]) -> None:
         con.register("new_predictions", new)
         try:
             con.execute(
-                "INSERT INTO predictions SELECT ?, ?, doc_id, gold, pred, pred_norm, correct, correct_norm "
-                "FROM new_predictions",
-                [model_id, task.task_id],
+                "INSERT INTO predictions SELECT model_id, task_id, doc_id, gold, pred, pred_norm, correct, "
+                "correct_norm FROM new_predictions"
             )
         finally:
             con.unregister("new_predictions")
@@ -722,6 +1164,7 @@ class ResultsStore:
                 if lm_tasks
                 else []
             )
+            mutual_info = self._mutual_info(con, where)
             meta_m = {
                 r[0]: r[1:] for r in con.execute("SELECT model_id, model_key, label, step FROM models").fetchall()
             }
@@ -732,6 +1175,9 @@ class ResultsStore:
         found: dict[tuple[int, int], dict[str, Any]] = {}
         for model_id, task_id, n, a, an in acc:
             found[(model_id, task_id)] = {"n": n, "acc": a, "acc_norm": an}
+        for pair, (_, mi) in mutual_info.items():
+            if pair in found:
+                found[pair]["acc_mutual_info"] = mi
         for model_id, task_id, n, total, words, nbytes in lm:
             kind = meta_t[task_id][2]
             entry = found.setdefault((model_id, task_id), {"n": n})

@@ -158,7 +158,7 @@ def evaluate_merge(
     )
     from hubmerge.results.store import ResultsStore
 
-    tasks = load_tasks(cfg.task_list, data=cfg.data, limit=cfg.limit)
+    tasks = load_tasks(cfg.task_list, data=cfg.data, limit=cfg.limit, lm_eval_include=cfg.include_list)
     store = ResultsStore(cfg.results)
     sources = source_targets(plan.sources)
     merged = target_from_folder(output, label=f"merged: {plan.name}")

@@ -27,6 +27,10 @@ CHANCE = {
     "piqa": 0.5,
     "winogrande": 0.5,
     "boolq": 0.5,
+    "wsc": 0.5,
+    "logiqa": 0.25,
+    "mmlu": 0.25,
+    "blimp": 0.5,
 }
 
 
@@ -39,6 +43,8 @@ class StabilityOutput:
     model: str | None
     files: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    headline: list[str] | None = None  # the tasks tables and plots show (groups pooled); None: every task
+    group_notes: dict[str, str] = field(default_factory=dict)  # how each group's row was made
 
 
 def _in_range(step: float | None, since: int | None, until: int | None) -> bool:
@@ -58,11 +64,13 @@ def stability_from_lm_eval(
     stride: int = 1,
     out: str | Path | None = None,
     title: str | None = None,
+    subtasks: bool = False,
 ) -> StabilityOutput:
     """Raw-trajectory stability from lm-eval result files (aggregate scores only: no per-example metrics).
 
-    Averaged and ensembled series need per-example scores of merged models and of each checkpoint; those
-    come from the results store (``hubmerge eval`` / ``hubmerge sweep``), not from aggregate files.
+    A group lm-eval defines (``group_subtasks``; ``hendrycksTest-*`` and ``blimp_*`` in 0.3 files) is shown as
+    one row and one panel, its subtasks only with ``subtasks``; the CSV and JSON keep every task. Averaged and
+    ensembled series need per-example scores; those come from the results store, not from aggregate files.
     """
     traj = load_results(where, metric, tasks=tasks)
     points = [p for p in traj.points() if _in_range(p[1], since, until)]
@@ -75,8 +83,13 @@ def stability_from_lm_eval(
         f"lm-evaluation-harness results, {len(points)} revisions (steps {_fmt_step(steps[0])}-{_fmt_step(steps[-1])})"
     )
     result = StabilityOutput(comparison, source, title or traj.model, skipped=dict(traj.skipped))
+    if traj.groups and not subtasks:
+        result.headline = traj.headline
+    result.group_notes = dict(traj.group_notes)
     if out is not None:
-        result.files = write_outputs(comparison, Path(out), model=result.model, source=source)
+        result.files = write_outputs(
+            comparison, Path(out), model=result.model, source=source, plot_tasks=result.headline
+        )
     return result
 
 
@@ -90,34 +103,52 @@ def stability_from_store(
     until: int | None = None,
     out: str | Path | None = None,
     title: str | None = None,
+    subtasks: bool = False,
 ) -> StabilityOutput:
     """Per-example stability of the revisions in the results store (ordered by step), and of ensembles of
-    their windows computed from stored scores. Averaged windows come from ``hubmerge sweep``."""
+    their windows computed from stored scores. Averaged windows come from ``hubmerge sweep``.
+
+    A group the store knows (lm-eval's, recorded by ``hubmerge results import``) gets a row pooling its tasks'
+    examples, which tables and plots show instead of the tasks (``subtasks`` shows them too). A task name stored
+    under two data hashes is read from the one with more examples.
+    """
     store = ResultsStore(results, read_only=True)
     models = [m for m in store.models() if m.get("step") is not None and (repo is None or m.get("repo") == repo)]
     models = sorted((m for m in models if _in_range(m["step"], since, until)), key=lambda m: m["step"])
     if not models:
         raise StabilityError(f"no evaluated revisions{f' of {repo}' if repo else ''} with steps in {store.path}")
-    task_objs = [
-        SeriesTask(t["name"], t["kind"], t["data_hash"])
-        for t in store.tasks()
-        if (tasks is None or t["name"] in tasks) and t["kind"] in PER_EXAMPLE_KINDS
-    ]
+    known_groups = store.task_groups()
+    wanted = None if tasks is None else {m for t in tasks for m in known_groups.get(t, [t])}
+    by_name: dict[str, dict] = {}
+    for t in store.tasks():
+        usable = (wanted is None or t["name"] in wanted) and t["kind"] in PER_EXAMPLE_KINDS
+        bigger = t["name"] not in by_name or (t["n_examples"] or 0) > (by_name[t["name"]]["n_examples"] or 0)
+        if usable and bigger:
+            by_name[t["name"]] = t
+    task_objs = [SeriesTask(t["name"], t["kind"], t["data_hash"]) for t in by_name.values()]
     if not task_objs:
         raise StabilityError(f"no multiple-choice or minimal-pairs task in {store.path} matches {tasks}")
+    groups = {g: [m for m in ms if m in by_name] for g, ms in known_groups.items()}
+    groups = {g: ms for g, ms in groups.items() if len(ms) >= 2}
     members = [Member(m["model_key"], m["label"], m["step"]) for m in models]
     with store:  # one connection for the many reads below
-        raw = series_report(store, members, task_objs)
+        raw = series_report(store, members, task_objs, groups)
         ens = {
-            w: ensemble_report(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs)
+            w: ensemble_report(store, members, [(s, w) for s in range(len(members) - w + 1)], task_objs, groups)
             for w in ensembles
             if 2 <= w <= len(members)
         }
     comparison = compare(raw, {}, ens)
     source = f"results store {store.path}, {len(members)} revisions{f' of {repo}' if repo else ''}"
     result = StabilityOutput(comparison, source, title or repo)
+    grouped = {m for ms in groups.values() for m in ms}
+    if groups and not subtasks:
+        result.headline = [t for t in comparison.raw.tasks if t not in grouped]
+    result.group_notes = {g: f"pools the examples of {len(ms)} tasks (size-weighted)" for g, ms in groups.items()}
     if out is not None:
-        result.files = write_outputs(comparison, Path(out), model=result.model, source=source)
+        result.files = write_outputs(
+            comparison, Path(out), model=result.model, source=source, plot_tasks=result.headline
+        )
     return result
 
 

@@ -125,7 +125,9 @@ def run_sweep_recipe(
             f"{where}: field 'sweep.sizes': window {max(sizes)} is longer than the {len(sources)} sources",
             field="sweep.sizes",
         )
-    tasks = load_tasks(eval_cfg.task_list, data=eval_cfg.data, limit=eval_cfg.limit)
+    tasks = load_tasks(
+        eval_cfg.task_list, data=eval_cfg.data, limit=eval_cfg.limit, lm_eval_include=eval_cfg.include_list
+    )
     groups = task_groups(eval_cfg.task_list, tasks)
     store = ResultsStore(eval_cfg.results)
     raw = source_targets(sources)

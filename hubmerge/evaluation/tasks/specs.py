@@ -60,6 +60,7 @@ class Example:
     text: str | None = None
     count_text: str | None = None
     unconditional: tuple[Request, ...] = ()  # OLMo-eval's no-question requests, when kept
+    counts: tuple[int, int] | None = None  # perplexity: (words, bytes) as the task's own code counts them
 
 
 # --- task definitions ----------------------------------------------------------------------------
@@ -203,6 +204,9 @@ class TaskData:
     data_hash: str  # sha256 over every example's content (not file bytes), before limit
     source: str  # the file it came from, or "hf:path/name:split"
     n_total: int = 0  # examples in the whole data set; len(examples) is less under a limit
+    doc_hashes: tuple[str, ...] | None = None  # lm-eval tasks: each example's lm-eval ``doc_hash``
+    groups: tuple[str, ...] = ()  # lm-eval tasks: the lm-eval groups this task is a leaf of
+    notes: tuple[str, ...] = ()  # what a user should know about how it is scored
 
     @property
     def name(self) -> str:
@@ -214,6 +218,11 @@ class TaskData:
 
     def requests(self) -> list[Request]:
         return [r for ex in self.examples for r in ex.requests]
+
+    @property
+    def mutual_info(self) -> bool:
+        """Whether the task's ``acc_mutual_info`` is asked for and its examples carry unconditional requests."""
+        return "acc_mutual_info" in self.spec.metric_names and any(ex.unconditional for ex in self.examples)
 
 
 def data_hash(examples: Iterable[Example]) -> str:
@@ -229,5 +238,7 @@ def data_hash(examples: Iterable[Example]) -> str:
             ex.count_text,
             [[r.choice, r.context, r.continuation] for r in ex.unconditional],
         ]
+        if ex.counts is not None:
+            record.append(list(ex.counts))
         h.update(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
     return h.hexdigest()
