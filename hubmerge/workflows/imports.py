@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +320,7 @@ def _ingest_task(
     first, *rest = pairs
     reference = reader.files.read(first.file, first.task, writer.filter_name)
     ref_rows: dict[str, object] | None = None
-    for pair, samples in [(first, reference), *reader.samples(rest, reference)]:
+    for pair, samples in chain([(first, reference)], reader.samples(rest, reference)):  # read while writing
         task = pair.task
         bar.update(status=f"{pair.ckpt.label} / {task.name}")
         if task.n_samples is not None and len(samples.n) != task.n_samples:
