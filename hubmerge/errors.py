@@ -104,6 +104,14 @@ class StoreError(HubmergeError):
     """The results store cannot be opened, or a request names a model or task it does not hold."""
 
 
+class DocumentClashError(StoreError):
+    """A task's example is registered again as another document (its ``doc_hash`` differs from the stored one)."""
+
+    def __init__(self, message: str, *, doc_id: int, stored: str, new: str) -> None:
+        super().__init__(message)
+        self.doc_id, self.stored, self.new = doc_id, stored, new
+
+
 class MissingExtraError(HubmergeError):
     """A feature needs an optional extra that is not installed (``hubmerge[ray]``, ``hubmerge[lm-eval]``)."""
 

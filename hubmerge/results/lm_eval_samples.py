@@ -245,16 +245,23 @@ _COLUMNS = {
 }
 
 
+def _responses(resps: str) -> tuple[str, str]:
+    """SQL for the per-request log-likelihoods and greedy flags of ``[["-91.9", "False"], ...]`` (one per request);
+    a log-likelihood that is not a number becomes NULL, for the caller to name."""
+    return (
+        f"list_transform({resps}, lambda x: TRY_CAST(x[1] AS DOUBLE))",
+        f"list_transform({resps}, lambda x: x[2] = 'True')",
+    )
+
+
 def _table(rolling: bool, delimiter: str) -> str:
     """One parse of the file into a temporary table: a row per line, lists per request."""
     if rolling:  # filtered_resps: ["-177.5"]
         resps = "TRY_CAST(filtered_resps AS VARCHAR[])"
         ll = f"list_transform({resps}, lambda x: TRY_CAST(x AS DOUBLE))"
         greedy = f"list_transform({resps}, lambda x: false)"
-    else:  # filtered_resps: [["-91.9", "False"], ...], one per request
-        resps = "TRY_CAST(filtered_resps AS VARCHAR[][])"
-        ll = f"list_transform({resps}, lambda x: TRY_CAST(x[1] AS DOUBLE))"
-        greedy = f"list_transform({resps}, lambda x: x[2] = 'True')"
+    else:
+        ll, greedy = _responses("TRY_CAST(filtered_resps AS VARCHAR[][])")
     # arguments: {"gen_args_0": {"arg_0": ctx, "arg_1": cont}, ...} (files), or [[ctx, cont], ...] (in memory)
     conts = (
         "CASE WHEN json_type(arguments) = 'OBJECT' THEN list_transform(map_values(TRY_CAST(arguments AS "
@@ -391,11 +398,10 @@ _SCORES_ONLY = {
     "acc": "DOUBLE",
     "acc_norm": "DOUBLE",
 }
-_SCORES = f"""
-    SELECT doc_id, filter, doc_hash, list_transform(filtered_resps, lambda x: TRY_CAST(x[1] AS DOUBLE)) AS ll,
-           list_transform(filtered_resps, lambda x: x[2] = 'True') AS greedy, acc, acc_norm
-    FROM read_json(?, format = 'newline_delimited', columns = {_SCORES_ONLY!r})
-"""
+_SCORES = """
+    SELECT doc_id, filter, doc_hash, {} AS ll, {} AS greedy, acc, acc_norm
+    FROM read_json(?, format = 'newline_delimited', columns = {!r})
+""".format(*_responses("filtered_resps"), _SCORES_ONLY)  # filtered_resps parsed as VARCHAR[][] by the reader
 
 
 def _read_scores(con: Any, path: Path, task: RunTask, filter_name: str, like: TaskSamples) -> TaskSamples | None:
@@ -430,8 +436,7 @@ def _read_scores(con: Any, path: Path, task: RunTask, filter_name: str, like: Ta
     if like.uncond_logprob is not None:
         if not np.array_equal(n_ll, 2 * like.n):
             return None
-        within = np.arange(len(ll)) - np.repeat(np.cumsum(n_ll) - n_ll, n_ll)  # each request's place in its doc
-        keep = within < np.repeat(like.n, n_ll)  # conditional requests first, then the unconditional ones
+        keep = _conditional(n_ll, like.n)
         ll, greedy, uncond = ll[keep], greedy[keep], ll[~keep]
     elif not np.array_equal(n_ll, like.n):
         return None
@@ -515,7 +520,7 @@ def _to_arrays(path: Path, task: RunTask, docs: Mapping[str, Any], flat: Mapping
     if "acc_mutual_info" in task.metrics and (n_ll % 2 == 0).all():
         # acc_mutual_info appends an unconditional ("", continuation) request per choice, after the conditional ones
         n = n_ll // 2
-        keep = _column(flat, "pos", 0, np.int64) <= np.repeat(n, n_ll)
+        keep = _conditional(n_ll, n)
         uncond = ll[~keep]
         ll, greedy, cont = ll[keep], greedy[keep], cont[keep]
 
@@ -540,6 +545,13 @@ def _to_arrays(path: Path, task: RunTask, docs: Mapping[str, Any], flat: Mapping
         n_bytes=_column(docs, "n_bytes", -1, np.int64),
         uncond_logprob=uncond,
     )
+
+
+def _conditional(n_ll: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Which of a doc's ``n_ll`` requests are conditional: ``acc_mutual_info`` sends each doc's ``n`` choices after
+    its context, then the same ``n`` after an empty one."""
+    within = np.arange(int(n_ll.sum())) - np.repeat(np.cumsum(n_ll) - n_ll, n_ll)  # each request's place in its doc
+    return within < np.repeat(n, n_ll)
 
 
 def padded(values: np.ndarray, n: np.ndarray, fill: float = np.nan) -> np.ndarray:

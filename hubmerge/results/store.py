@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from hubmerge.errors import OutputError, ScoresError, StoreError
+from hubmerge.errors import DocumentClashError, OutputError, ScoresError, StoreError
 from hubmerge.io.env import results_dir
 from hubmerge.results import scores as ens
 from hubmerge.results.keys import model_key, task_key
@@ -650,10 +650,13 @@ class ResultsStore:
                 ).fetchall()
                 if clash:
                     doc, stored, new = clash[0]
-                    raise StoreError(
+                    raise DocumentClashError(
                         f"task {name}: example {doc} is another document than the one stored under the same task "
                         f"(doc_hash {str(new)[:12]} vs {str(stored)[:12]}): its data changed since it was stored in "
-                        f"{self.path}; use another results folder"
+                        f"{self.path}; use another results folder",
+                        doc_id=int(doc),
+                        stored=str(stored),
+                        new=str(new),
                     )
                 con.execute(
                     "INSERT INTO docs (task_id, doc_id, gold, n_choices, words, bytes, doc_hash) "
@@ -690,14 +693,7 @@ class ResultsStore:
 
     def import_record(self, model_key: str, task_key: str) -> dict[str, Any] | None:
         """Where the stored scores of (model, task) came from, when they were imported; None otherwise."""
-        with self._db() as con:
-            rows = con.execute(
-                "SELECT i.tool, i.tool_version, i.file, i.date, i.filter, i.rows, i.keyed_by FROM imports i "
-                "JOIN models m USING (model_id) JOIN tasks t USING (task_id) WHERE m.model_key = ? AND t.task_key = ?",
-                [model_key, task_key],
-            ).fetchall()
-        cols = ("tool", "tool_version", "file", "date", "filter", "rows", "keyed_by")
-        return dict(zip(cols, rows[0], strict=True)) if rows else None
+        return self.import_records().get((model_key, task_key))
 
     def imports(self) -> list[dict[str, Any]]:
         """Every import record, with model and task names."""
@@ -720,38 +716,10 @@ class ResultsStore:
         cols = ("tool", "tool_version", "file", "date", "filter", "rows", "keyed_by")
         return {(r[0], r[1]): dict(zip(cols, r[2:], strict=True)) for r in rows}
 
-    def record_import(
-        self,
-        model_key: str,
-        task_key: str,
-        *,
-        tool: str,
-        tool_version: str | None,
-        file: str,
-        date: str,
-        filter: str,
-        rows: int,
-        keyed_by: str,
-    ) -> None:
-        """Remember where (model, task)'s scores came from (replacing an earlier import of the pair)."""
-        self.record_imports(
-            [
-                {
-                    "model_key": model_key,
-                    "task_key": task_key,
-                    "tool": tool,
-                    "tool_version": tool_version,
-                    "file": file,
-                    "date": date,
-                    "filter": filter,
-                    "rows": rows,
-                    "keyed_by": keyed_by,
-                }
-            ]
-        )
-
     def record_imports(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """:meth:`record_import` for many pairs in one statement; each record has its arguments as keys."""
+        """Remember where each (model, task)'s scores came from, replacing earlier imports of the pair, in one
+        statement. Each record: ``model_key``, ``task_key``, ``tool``, ``tool_version``, ``file``, ``date``,
+        ``filter``, ``rows``, ``keyed_by``."""
         if not records:
             return
         with self._transaction() as con:

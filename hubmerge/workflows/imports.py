@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hubmerge.errors import HubError, ResultFileError, SourceError, StoreError
+from hubmerge.errors import DocumentClashError, HubError, ResultFileError, SourceError, StoreError
 from hubmerge.hub.client import HubClient, is_unreachable, revision_files
 from hubmerge.hub.revisions import parse_revision
 from hubmerge.io.progress import QUIET, Display
@@ -145,11 +145,8 @@ class _Identifier:
         return Checkpoint(label, repo, revision, commit, path, (_name_digest(identity),), "name")
 
 
-def _task_rows(task: RunTask, samples: object) -> dict[str, object]:
+def _task_rows(task: RunTask, samples: TaskSamples) -> dict[str, np.ndarray]:
     """The store's view of one task from its samples: examples, gold answers, choice lengths, counts."""
-    from hubmerge.results.lm_eval_samples import TaskSamples
-
-    assert isinstance(samples, TaskSamples)
     kind = task.kind
     n = samples.n
     if kind == "multiple_choice":
@@ -171,20 +168,31 @@ def _task_rows(task: RunTask, samples: object) -> dict[str, object]:
     return {"gold": gold, "chars": chars, "words": words, "n_bytes": n_bytes}
 
 
-def _check_hashes(store: ResultsStore, key: str, samples: object, file: Path) -> None:
-    """Documents already stored for this task must be the same documents (same lm-eval ``doc_hash``)."""
-    known = store.doc_hashes(key)
-    if not known:
-        return
-    for doc_id, digest, line in zip(samples.doc_id, samples.doc_hash, samples.line, strict=True):  # type: ignore[attr-defined]
-        stored = known.get(int(doc_id))
-        if stored is not None and digest is not None and stored != digest:
-            raise ResultFileError(
-                f"{file}:{int(line)}: doc_id {int(doc_id)} of task {key.split('@')[0]} is another document than the "
-                f"one stored from an earlier file (doc_hash {digest[:12]} vs {stored[:12]}): the runs did not "
-                "evaluate the same data; import them into separate results folders",
-                path=file,
-            )
+def _register(store: ResultsStore, pair: _Pair, samples: TaskSamples, rows: dict[str, np.ndarray]) -> None:
+    """The task's documents into the store; one stored earlier as another document is named by file and line."""
+    task = pair.task
+    try:
+        store.register_task_arrays(
+            task.name,
+            str(task.kind),
+            task.identity,
+            f"lm-eval {pair.run.lm_eval_version or '?'}: {pair.file.name}",
+            doc_ids=samples.doc_id,
+            gold=rows["gold"],
+            n_choices=samples.n,
+            chars=rows["chars"],
+            words=rows["words"],
+            n_bytes=rows["n_bytes"],
+            doc_hashes=samples.doc_hash,
+        )
+    except DocumentClashError as e:
+        line = int(samples.line[np.flatnonzero(samples.doc_id == e.doc_id)[0]])
+        raise ResultFileError(
+            f"{pair.file}:{line}: doc_id {e.doc_id} of task {task.name} is another document than the one stored "
+            f"from an earlier file (doc_hash {e.new[:12]} vs {e.stored[:12]}): the runs did not evaluate the same "
+            "data; import them into separate results folders",
+            path=pair.file,
+        ) from None
 
 
 def _newest(runs: Sequence[LmEvalRun], identify: _Identifier, report: ImportReport) -> dict:
@@ -319,7 +327,7 @@ def _ingest_task(
     documents then need only their scores parsed, read ahead in parallel."""
     first, *rest = pairs
     reference = reader.files.read(first.file, first.task, writer.filter_name)
-    ref_rows: dict[str, object] | None = None
+    ref_rows: dict[str, np.ndarray] = {}
     for pair, samples in chain([(first, reference)], reader.samples(rest, reference)):  # read while writing
         task = pair.task
         bar.update(status=f"{pair.ckpt.label} / {task.name}")
@@ -329,47 +337,33 @@ def _ingest_task(
                 f"{pair.run.path.name} says lm-eval scored {task.n_samples}; is the samples file truncated?",
                 path=pair.file,
             )
-        same_docs = samples.target is reference.target and ref_rows is not None  # read against the reference
+        same_docs = samples is not reference and samples.target is reference.target  # only its scores were read
         rows = ref_rows if same_docs else _task_rows(task, samples)
-        assert rows is not None
         if not same_docs:
-            _check_hashes(store, pair.tkey, samples, pair.file)
-            store.register_task_arrays(
-                task.name,
-                str(task.kind),
-                task.identity,
-                f"lm-eval {pair.run.lm_eval_version or '?'}: {pair.file.name}",
-                doc_ids=samples.doc_id,
-                gold=rows["gold"],
-                n_choices=samples.n,
-                chars=rows["chars"],
-                words=rows["words"],
-                n_bytes=rows["n_bytes"],
-                doc_hashes=samples.doc_hash,
-            )
-            if samples is reference:
-                ref_rows = rows
+            _register(store, pair, samples, rows)
+        if samples is reference:
+            ref_rows = rows
         if pair.replaces:
             report.replaced.append((pair.ckpt.label, task.name))
         writer.add(pair, samples)
-        _compare_accuracy(task, samples, rows["gold"], report)  # type: ignore[arg-type]
+        _compare_accuracy(task, samples, rows["gold"], report)
         report.imported.append((pair.ckpt.label, task.name, len(samples.n)))
         bar.advance(1)
 
 
-def _compare_accuracy(task: RunTask, samples: object, gold: np.ndarray, report: ImportReport) -> None:
+def _compare_accuracy(task: RunTask, samples: TaskSamples, gold: np.ndarray, report: ImportReport) -> None:
     """lm-eval's per-doc ``acc`` must agree with the log-likelihoods it logged; say so where it does not."""
     if task.kind != "multiple_choice":
         return
-    acc = samples.acc  # type: ignore[attr-defined]
+    acc = samples.acc
     has = ~np.isnan(acc)
     if not has.any():
         return
-    pred = np.argmax(padded(samples.logprob, samples.n, -np.inf), axis=1)  # type: ignore[attr-defined]
+    pred = np.argmax(padded(samples.logprob, samples.n, -np.inf), axis=1)
     differ = int(((pred == gold).astype(float)[has] != acc[has]).sum())
     if differ:
         report.notices.append(
-            f"{samples.file}: lm-eval's per-doc acc differs from its logged log-likelihoods in {differ} of "  # type: ignore[attr-defined]
+            f"{samples.file}: lm-eval's per-doc acc differs from its logged log-likelihoods in {differ} of "
             f"{int(has.sum())} docs; the store keeps the log-likelihoods"
         )
 
