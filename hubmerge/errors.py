@@ -74,6 +74,11 @@ class HubError(HubmergeError):
     exit_code = EXIT_HUB
 
 
+class StreamError(HubError):
+    """A source streamed from the Hub could not be read as planned: a range answered wrongly (HTTP 200, another
+    ``Content-Range``) or a connection that kept dropping; ``fetch: cache`` is the fallback."""
+
+
 class RevisionError(HubError):
     """A revision or selector does not match the repository's branches."""
 

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hubmerge.errors import EXIT_INTERRUPTED, HubmergeError, IntegrityError
+from hubmerge.errors import EXIT_INTERRUPTED, HubmergeError, IntegrityError, RecipeError
 from hubmerge.version import __version__
 
 if TYPE_CHECKING:
@@ -111,6 +111,15 @@ Select = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+Stream = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream/--cache",
+        help="Read Hub sources by HTTP range requests, writing nothing but the output (--stream), or pull them "
+        "into the HF cache first (--cache); default: the recipe's sources.fetch.",
+        show_default=False,
+    ),
+]
 Results = Annotated[
     Path | None,
     typer.Option("--results", envvar="HUBMERGE_RESULTS", help="Results folder (default ./hubmerge-results)."),
@@ -138,22 +147,25 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     device: Annotated[str, typer.Option(help="Where to accumulate: cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="Torch compute threads (1 is fastest for this memory-bound loop).")] = 1,
+    stream: Stream = None,
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first)."""
+    """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first,
+    or streamed by range requests with --stream)."""
     from hubmerge.merging.executor import execute
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.merge import finish_merge, plan_merge
 
     doc = load_recipe(recipe)
     client = _client(endpoint)
-    if dry_run and doc.is_hub:
+    streamed = _streamed(doc, stream)
+    if dry_run and doc.is_hub and not streamed:
         _hub_dry_run(doc, client, as_json)
         return
     display = _display(quiet or as_json)
-    plan = plan_merge(doc, client, device=device, force=force, display=display)
+    plan = plan_merge(doc, client, device=device, force=force, display=display, stream=streamed)
     if dry_run:
         _show_plan(plan, as_json)
         return
@@ -192,6 +204,17 @@ def plan(
 ) -> None:
     """Show what a merge would read, write and hold in memory (same as merge --dry-run)."""
     merge(recipe, dry_run=True, force=True, device="cpu", threads=1, endpoint=endpoint, as_json=as_json, quiet=True)
+
+
+def _streamed(doc: RecipeDocument, stream: bool | None) -> bool:
+    """Whether a recipe's Hub sources are streamed: ``--stream``/``--cache``, else its ``sources.fetch``."""
+    if stream is not None and not doc.is_hub:
+        raise RecipeError(f"{doc.where}: --stream/--cache apply to Hub sources; this recipe lists local folders")
+    if stream is not None:
+        return stream
+    from hubmerge.merging.recipe import HubSources
+
+    return isinstance(doc.recipe.sources, HubSources) and doc.recipe.sources.fetch == "stream"
 
 
 def _hub_dry_run(doc: RecipeDocument, client: HubClient, as_json: bool) -> None:
@@ -323,11 +346,19 @@ def hub_serve(
     host: Annotated[str, typer.Option(help="Interface to bind; loopback by default. A dev server: no real auth.")] = (
         "127.0.0.1"
     ),
+    max_bandwidth: Annotated[
+        float | None,
+        typer.Option(help="Cap on the bytes it sends, in MB/s (10^6 bytes), all connections together.", min=0.001),
+    ] = None,
+    quiet: Quiet = False,
 ) -> None:
-    """Run a local Hub-compatible server (development and demos only)."""
+    """Run a local Hub-compatible server (development and demos only).
+
+    LFS files are served as the Hub serves them: a redirect to a storage host (here another port) that answers
+    range requests."""
     from hubmerge.devhub import serve
 
-    serve(root, host=host, port=port)
+    serve(root, host=host, port=port, max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None, verbose=not quiet)
 
 
 @app.command("eval")
@@ -579,6 +610,7 @@ def sweep(
     recipe: Annotated[Path, typer.Argument(help="Recipe with sources, a sweep: block and an evaluate: block.")],
     keep: Annotated[bool | None, typer.Option("--keep/--no-keep", help="Keep every window's merged folder.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default OUTPUT/report).")] = None,
+    stream: Stream = None,
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -588,8 +620,14 @@ def sweep(
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.sweep import run_sweep_recipe
 
+    doc = load_recipe(recipe)
     report = run_sweep_recipe(
-        load_recipe(recipe), _client(endpoint), display=_display(quiet or as_json), keep=keep, out=out_dir
+        doc,
+        _client(endpoint),
+        display=_display(quiet or as_json),
+        keep=keep,
+        out=out_dir,
+        stream=_streamed(doc, stream),
     )
     if as_json:
         out.print_json(

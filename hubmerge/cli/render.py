@@ -40,13 +40,21 @@ def render_plan(plan: MergePlan, console: Console) -> None:
     if plan.dropped_aliases:
         console.print(f"tied:      {', '.join(plan.dropped_aliases)} (re-tied on load, as in the sources)")
     console.print(f"dtype:     {plan.out_dtype or 'as the sources'}")
-    console.print(f"read:      {format_size(plan.bytes_read)}")
+    if plan.stream is not None:
+        st = plan.stream
+        console.print(
+            f"read:      {format_size(plan.bytes_read)}, streamed from the Hub: {format_size(st.bytes)} in {st.files} "
+            f"files by range requests ({st.connections} connections, sha256 of every byte checked), nothing cached"
+        )
+    else:
+        console.print(f"read:      {format_size(plan.bytes_read)}")
     shards = ", ".join(f"{s.file} ({format_size(s.nbytes)})" for s in plan.shards)
     console.print(f"write:     {format_size(plan.bytes_written)} in {len(plan.shards)} shard(s): {shards}")
     console.print(f"copied:    {', '.join(plan.sidecar_files) or 'nothing'} (from the newest source)")
+    in_flight = f" + {format_size(plan.stream.in_flight_bytes)} in flight" if plan.stream else ""
     console.print(
         f"memory:    ~{format_size(plan.memory_estimate)} peak "
-        f"({format_size(plan.buffer_bytes)} of buffers, independent of model size and source count)"
+        f"({format_size(plan.buffer_bytes)} of buffers{in_flight}, independent of model size and source count)"
     )
     console.print(f"output:    {plan.output}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import NamedTuple
 
 
@@ -12,6 +13,35 @@ class RequestRecord(NamedTuple):
     method: str
     path: str  # raw, still percent-encoded, with the query string
     range: str | None
+    authorized: bool = False  # whether it carried an Authorization header
+    port: int = 0  # the port it came in on: the Hub's or its storage host's
+
+
+# How a storage server can get Range wrong: answer 200 with the whole file, or 206 for another range.
+RANGE_FAULTS = ("ignore", "shifted")
+
+
+class Throttle:
+    """Paces every response body of a server to ``rate`` bytes per second in total, over all its connections.
+
+    A virtual clock: each write reserves ``n / rate`` seconds after the previous reservation (never earlier than
+    ``burst`` seconds ago) and sleeps until its slot, so parallel connections share the bandwidth.
+    """
+
+    def __init__(self, rate: float, burst: float = 0.05) -> None:
+        if rate <= 0:
+            raise ValueError("the bandwidth limit must be positive")
+        self.rate, self.burst = float(rate), burst
+        self.lock = threading.Lock()
+        self._clock = 0.0
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self._clock = max(self._clock, now - self.burst) + n / self.rate
+            wait = self._clock - now
+        if wait > 0:
+            time.sleep(wait)
 
 
 class Faults:
@@ -21,6 +51,7 @@ class Faults:
         self.lock = threading.Lock()
         self.drops: dict[tuple[str, str, str], list[int]] = {}
         self.corrupt: dict[tuple[str, str, str], int | None] = {}
+        self.range_faults: dict[tuple[str, str, str], str] = {}
 
     def add_drop(self, key: tuple[str, str, str], after_bytes: int, times: int) -> None:
         if after_bytes < 0 or times < 1:
@@ -32,10 +63,21 @@ class Faults:
         with self.lock:
             self.corrupt[key] = offset
 
+    def add_range_fault(self, key: tuple[str, str, str], kind: str) -> None:
+        if kind not in RANGE_FAULTS:
+            raise ValueError(f"kind must be one of {', '.join(RANGE_FAULTS)}")
+        with self.lock:
+            self.range_faults[key] = kind
+
+    def range_fault(self, key: tuple[str, str, str]) -> str | None:
+        with self.lock:
+            return self.range_faults.get(key)
+
     def clear(self) -> None:
         with self.lock:
             self.drops.clear()
             self.corrupt.clear()
+            self.range_faults.clear()
 
     def take_drop(self, key: tuple[str, str, str]) -> int | None:
         with self.lock:

@@ -8,19 +8,22 @@ client's exception class, as on the Hub.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import re
 import socket
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlencode
 
 from hubmerge.devhub.cards import card_metadata, validate_card
-from hubmerge.devhub.faults import Faults, RequestRecord
+from hubmerge.devhub.faults import Faults, RequestRecord, Throttle
 from hubmerge.devhub.storage import (
     DEFAULT_BRANCH,
     FILE_PREFIXES,
@@ -42,6 +45,7 @@ from hubmerge.devhub.storage import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+THROTTLED_CHUNK = 1 << 16  # small writes keep a bandwidth-limited stream smooth
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -53,9 +57,16 @@ class HubState(Protocol):
     requests: deque[RequestRecord]
     tokens: set[str] | None
     verbose: bool
+    throttle: Throttle | None
+    redirect_lfs: bool
+    storage_secret: bytes
+    storage_ttl: float
 
     @property
     def url(self) -> str: ...
+
+    @property
+    def storage_url(self) -> str: ...
 
 
 ROUTES: list[tuple[str, str, str]] = [
@@ -81,6 +92,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/{ft}/{ns}/{name}/resolve/{rev}/*path", "resolve"),
     ("GET", "/{ns}/{name}/resolve/{rev}/*path", "resolve"),
 ]
+# The storage server (the Hub's CDN or Xet bridge) serves LFS blobs by presigned URL, and nothing else.
+STORAGE_ROUTES: list[tuple[str, str, str]] = [("GET", "/lfs/{sha}", "storage")]
 
 
 def match_route(pattern: str, segments: list[str]) -> dict[str, str] | None:
@@ -114,11 +127,21 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out as separate writes: without this, Nagle's algorithm holds a small body until
+        # the client's delayed ACK (40 ms on Linux), for every small range read.
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.conns.add(self.connection)
 
     def finish(self) -> None:
         self.server.conns.discard(self.connection)
-        super().finish()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            super().finish()
+
+    def handle(self) -> None:
+        # A client that hung up (a stream aborted mid-body) needs no answer.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError, TimeoutError):
+            super().handle()
 
     def log_message(self, format: str, *args: Any) -> None:
         (logger.info if self.server.hub.verbose else logger.debug)("%s " + format, self.client_address[0], *args)
@@ -159,7 +182,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self.method, self.headers_sent = method, False
-        self.server.hub.requests.append(RequestRecord(method, self.path, self.headers.get("Range")))
+        self.server.hub.requests.append(
+            RequestRecord(
+                method,
+                self.path,
+                self.headers.get("Range"),
+                "Authorization" in self.headers,
+                self.server.server_address[1],
+            )
+        )
         try:
             self.body = self._read_body()  # always drain, so a keep-alive connection stays in step
             raw_path, _, query = self.path.partition("?")
@@ -169,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
             except UnicodeDecodeError:
                 raise bad_request("The request path is not valid UTF-8.") from None
             route_method = "GET" if method == "HEAD" else method
-            for m, pattern, name in ROUTES:
+            for m, pattern, name in STORAGE_ROUTES if self.server.role == "storage" else ROUTES:
                 if m == route_method and (params := match_route(pattern, segments)) is not None:
                     getattr(self, f"h_{name}")(**params)
                     return
@@ -468,8 +499,38 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes"}
         if lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(size)})
+            if self.server.hub.redirect_lfs:  # as the Hub does: the bytes come from its storage host
+                headers["Location"] = self._presigned(t, repo_id, path, entry["sha256"])
+                self._send(302, b"", "text/plain; charset=utf-8", headers)
+                return
+        self._serve_blob(entry["sha256"], size, headers, (t, repo_id, path))
+
+    def _presigned(self, t: str, repo_id: str, path: str, sha256: str) -> str:
+        """A storage URL that needs no token, valid for ``storage_ttl`` seconds, like the Hub's signed CDN URLs."""
+        hub = self.server.hub
+        query = {"type": t, "repo": repo_id, "expires": str(int(time.time() + hub.storage_ttl)), "path": path}
+        signed = {"signature": _signature(hub.storage_secret, sha256, query)}
+        # The file name last, as CDN URLs end with it (and request records show it).
+        return f"{hub.storage_url}/lfs/{sha256}?{urlencode(signed)}&{urlencode(query)}"
+
+    def h_storage(self, sha: str) -> None:
+        hub = self.server.hub
+        query = {k: self._param(k) for k in ("type", "repo", "path", "expires")}
+        if not hmac.compare_digest(self._param("signature"), _signature(hub.storage_secret, sha, query)):
+            raise HubHTTPError(403, "Signature does not match")
+        if not query["expires"].isdigit() or int(query["expires"]) < time.time():
+            raise HubHTTPError(403, "Request has expired")
+        size = self.store.blob_size(sha)
+        if size is None:
+            raise HubHTTPError(404, "No such blob")
+        headers = {"ETag": f'"{sha}"', "Accept-Ranges": "bytes"}
+        self._serve_blob(sha, size, headers, (query["type"], query["repo"], query["path"]))
+
+    def _serve_blob(self, sha256: str, size: int, headers: dict[str, str], key: tuple[str, str, str]) -> None:
+        """A blob's bytes, or the one range asked for (206 + ``Content-Range``), with the injected faults."""
         start, end, status = 0, size - 1, 200
-        if (spec := self.headers.get("Range")) and self.method == "GET":
+        fault = self.server.hub.faults.range_fault(key)
+        if (spec := self.headers.get("Range")) and self.method == "GET" and fault != "ignore":
             m = _RANGE.match(spec.strip())
             if m and m[1]:
                 start, end = int(m[1]), min(int(m[2]), size - 1) if m[2] else size - 1
@@ -477,36 +538,46 @@ class Handler(BaseHTTPRequestHandler):
                 start = max(size - int(m[2]), 0)
             if not m or start > end or start >= size:
                 raise HubHTTPError(416, f"Range not satisfiable: {spec}", headers={"Content-Range": f"bytes */{size}"})
+            if fault == "shifted" and end < size - 1:
+                start, end = start + 1, end + 1
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
+        for k, value in headers.items():
+            self.send_header(k, value)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
         if self.method == "GET":
-            self._stream(self.store.blob_path(entry["sha256"]), start, end - start + 1, (t, repo_id, path), size)
+            self._stream(self.store.blob_path(sha256), start, end - start + 1, key, size)
 
     def _stream(self, blob: Path, start: int, length: int, key: tuple[str, str, str], size: int) -> None:
+        """Send ``length`` bytes of ``blob`` from ``start``: by ``sendfile`` (no copy through Python), in paced
+        steps under a bandwidth limit, or copied when a fault flips a byte or cuts the body short."""
         faults = self.server.hub.faults
+        throttle = self.server.hub.throttle
         drop_after = faults.take_drop(key)
         flip = faults.corrupt_offset(key, size)
-        sent = 0
+        end = start + (length if drop_after is None else min(length, drop_after))
+        step = CHUNK if throttle is None else THROTTLED_CHUNK
         with blob.open("rb") as f:
-            f.seek(start)
-            while sent < length:
-                n = min(CHUNK, length - sent)
-                if drop_after is not None:
-                    n = min(n, drop_after - sent)
-                    if n <= 0:
-                        break
-                chunk = bytearray(f.read(n))
-                if flip is not None and start + sent <= flip < start + sent + len(chunk):
-                    chunk[flip - start - sent] ^= 0xFF
-                self.wfile.write(chunk)
-                sent += len(chunk)
-        if sent < length:  # injected drop: the client sees a body shorter than Content-Length
+            pos = start
+            while pos < end:
+                n = min(step if throttle is not None or flip is not None else end - pos, end - pos)
+                if throttle is not None:
+                    throttle.take(n)
+                if flip is not None and pos <= flip < pos + n:
+                    f.seek(pos)
+                    chunk = bytearray(f.read(n))
+                    chunk[flip - pos] ^= 0xFF
+                    self.wfile.write(chunk)
+                    sent = len(chunk)
+                else:
+                    sent = self.connection.sendfile(f, offset=pos, count=n)
+                if sent <= 0:
+                    break
+                pos += sent
+        if pos - start < length:  # injected drop: the client sees a body shorter than Content-Length
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -633,12 +704,20 @@ class Handler(BaseHTTPRequestHandler):
         self._json({})
 
 
+def _signature(secret: bytes, sha256: str, query: dict[str, str]) -> str:
+    message = "\n".join([sha256, query["type"], query["repo"], query["path"], query["expires"]])
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
 class DevHTTPServer(ThreadingHTTPServer):
+    """One listening socket of the dev Hub: ``role`` "api" (the Hub's routes) or "storage" (LFS blobs only)."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, hub: HubState, address: tuple[str, int]) -> None:
+    def __init__(self, hub: HubState, address: tuple[str, int], role: str = "api") -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.hub, self.conns = hub, set[socket.socket]()  # conns: open connections, cut on stop()
+        self.role = role
         super().__init__(address, Handler)

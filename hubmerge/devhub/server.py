@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 import threading
 from collections import deque
 from pathlib import Path
 
-from hubmerge.devhub.faults import Faults, RequestRecord
+from hubmerge.devhub.faults import Faults, RequestRecord, Throttle
 from hubmerge.devhub.routes import DevHTTPServer
 from hubmerge.devhub.storage import REPO_TYPES, HubStore
 
@@ -23,6 +24,11 @@ class HubServer:
 
     ``tokens``: when given, only these bearer tokens are accepted (others answer 401 "Invalid credentials
     in Authorization header", as the Hub does); by default any token is.
+
+    As on the Hub, a resolve request for an LFS file answers 302 to a presigned URL on a separate storage host
+    (here a second port of the same server, so a different origin: clients drop the token on the way), which
+    serves the bytes with ``Range`` support. ``redirect_lfs=False`` serves them from the resolve URL itself.
+    ``max_bandwidth`` (bytes per second, all connections of both ports together) paces every body sent.
     """
 
     def __init__(
@@ -33,6 +39,9 @@ class HubServer:
         *,
         tokens: set[str] | None = None,
         verbose: bool = False,
+        max_bandwidth: float | None = None,
+        redirect_lfs: bool = True,
+        storage_ttl: float = 3600.0,
     ) -> None:
         self.store = HubStore(Path(root))
         self.host, self.requested_port = host, port
@@ -40,8 +49,13 @@ class HubServer:
         self.verbose = verbose
         self.faults = Faults()
         self.requests: deque[RequestRecord] = deque(maxlen=10_000)  # newest last; see RequestRecord
+        self.throttle = Throttle(max_bandwidth) if max_bandwidth else None
+        self.redirect_lfs = redirect_lfs
+        self.storage_secret = secrets.token_bytes(32)  # presigned storage URLs die with the server
+        self.storage_ttl = storage_ttl
         self._httpd: DevHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._storage: DevHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
 
     @property
     def port(self) -> int:
@@ -51,31 +65,48 @@ class HubServer:
 
     @property
     def url(self) -> str:
+        return self._url(self.port)
+
+    @property
+    def storage_url(self) -> str:
+        """Where LFS resolves redirect to: the storage host (another port, so another origin)."""
+        if self._storage is None:
+            raise RuntimeError("the hub server is not running: call start() first")
+        return self._url(self._storage.server_address[1])
+
+    def _url(self, port: int) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host}:{port}"
 
     def start(self) -> int:
-        """Serve in a background thread; return the bound port."""
+        """Serve the Hub and its storage host in background threads; return the Hub's bound port."""
         if self._httpd is None:
             self._httpd = DevHTTPServer(self, (self.host, self.requested_port))
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
-            )
-            self._thread.start()
+            self._storage = DevHTTPServer(self, (self.host, 0), role="storage")
+            for name, httpd in (("hub-server", self._httpd), ("hub-storage", self._storage)):
+                thread = threading.Thread(
+                    target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
         return self.port
 
     def stop(self) -> None:
         """Stop accepting, cut open keep-alive connections (so clients cannot talk to a stopped server)."""
         if self._httpd is None:
             return
-        self._httpd.shutdown()
-        for conn in list(self._httpd.conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = self._thread = None
+        for httpd in (self._httpd, self._storage):
+            if httpd is None:
+                continue
+            httpd.shutdown()
+            for conn in list(httpd.conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            httpd.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._httpd = self._storage = None
+        self._threads = []
 
     def __enter__(self) -> HubServer:
         self.start()
@@ -110,16 +141,25 @@ class HubServer:
         """Serve ``path`` with one byte flipped (default: the middle one) while advertising the true sha256/etag."""
         self.faults.add_corrupt((*self._dir(repo_id, repo_type), path), offset)
 
+    def inject_range_fault(self, repo_id: str, path: str, kind: str = "ignore", repo_type: str = "model") -> None:
+        """Serve ``path`` getting ``Range`` wrong until cleared: ``ignore`` answers 200 with the whole file,
+        ``shifted`` answers 206 for the range one byte later (a wrong ``Content-Range``)."""
+        self.faults.add_range_fault((*self._dir(repo_id, repo_type), path), kind)
+
     def clear_faults(self) -> None:
         self.faults.clear()
 
 
-def serve(root: Path, host: str = "127.0.0.1", port: int = 7860) -> None:
+def serve(
+    root: Path, host: str = "127.0.0.1", port: int = 7860, *, max_bandwidth: float | None = None, verbose: bool = True
+) -> None:
     """Run a hub server in the foreground until Ctrl-C (``hubmerge hub serve``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op if already configured
-    server = HubServer(root, host, port, verbose=True)
+    server = HubServer(root, host, port, verbose=verbose, max_bandwidth=max_bandwidth)
     server.start()
-    print(f"Serving a local Hub from {Path(root).resolve()} at {server.url}", flush=True)
+    limit = f", at most {max_bandwidth / 1e6:g} MB/s" if max_bandwidth else ""
+    where = f"{server.url} (LFS storage at {server.storage_url}{limit})"
+    print(f"Serving a local Hub from {Path(root).resolve()} at {where}", flush=True)
     print(f"Use it with: HF_ENDPOINT={server.url} (or endpoint=...) and any token. Ctrl-C stops.", flush=True)
     try:
         threading.Event().wait()

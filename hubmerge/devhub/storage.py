@@ -150,6 +150,15 @@ class HubStore:
             self._write(path, data)
         return {"sha256": sha256, "size": len(data), "sha1": git_blob_sha1(data)}
 
+    def blob_size(self, sha256: str) -> int | None:
+        """A stored blob's size, or None when there is none (a stat, never a read)."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        try:
+            return self.blob_path(sha256).stat().st_size
+        except OSError:
+            return None
+
     def existing_blob(self, sha256: str) -> dict[str, Any] | None:
         path = self.blob_path(sha256) if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
         return self.put_blob(path.read_bytes()) if path is not None and path.exists() else None

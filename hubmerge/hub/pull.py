@@ -32,13 +32,14 @@ class PullPlan:
     repo: str
     revisions: list[Revision]
     files: list[RevisionFiles]
+    all_sidecars: bool = False  # a sweep: every window's newest revision needs its config and tokenizer
 
     def downloads(self) -> list[tuple[RevisionFiles, str]]:
-        """(revision, path) pairs: weights and index of each revision, sidecars of the newest."""
+        """(revision, path) pairs: weights and index of each revision, sidecars of the newest (or of all)."""
         todo = []
         for i, rf in enumerate(self.files):
             names = list(rf.weights) + ([rf.index_file] if rf.index_file else [])
-            if i == len(self.files) - 1:
+            if self.all_sidecars or i == len(self.files) - 1:
                 names += [s for s in rf.sidecars if s not in names]
             todo += [(rf, n) for n in names]
         return todo
@@ -186,7 +187,14 @@ def download(plan: PullPlan, client: HubClient, *, workers: int = 8, display: Di
         _record_ref(folders[rf.revision], rf.revision, rf.commit)
     try_atomic_write(cache_file, json.dumps(known))  # the record only saves re-hashing next time
     return [
-        SourceRef(folders[r.name], r.name, repo=plan.repo, revision=r.name, commit=rf.commit)
+        SourceRef(
+            folders[r.name],
+            r.name,
+            repo=plan.repo,
+            revision=r.name,
+            commit=rf.commit,
+            sha256={w: str(rf.files[w].sha256) for w in rf.weights if rf.files[w].sha256},
+        )
         for r, rf in zip(plan.revisions, plan.files, strict=True)
     ]
 
@@ -225,11 +233,15 @@ def pull(
     *,
     workers: int = 8,
     display: Display = QUIET,
+    all_sidecars: bool = False,
 ) -> list[SourceRef]:
-    """``hubmerge pull``: plan, check headers, download, verify; offline, resolve from the cache instead."""
+    """``hubmerge pull``: plan, check headers, download, verify; offline, resolve from the cache instead.
+
+    ``all_sidecars``: config and tokenizer of every revision, not only of the newest (a sweep's windows)."""
     if client.offline:
         return pull_offline(repo, revisions, client)
     plan = plan_pull(repo, revisions, client, workers=workers)
+    plan.all_sidecars = all_sidecars
     checked = check_remote_headers(plan, client, workers=workers)
     display.note(
         f"{repo}: {len(plan.revisions)} revisions, {len(plan.downloads())} files, {format_size(plan.total_bytes)} "
@@ -268,6 +280,7 @@ def resolve_hub_sources(
     *,
     download: bool = True,
     display: Display = QUIET,
+    all_sidecars: bool = False,
 ) -> HubResolution:
     """Select revisions, run the integrity check, apply the ``on_anomaly`` policy, then pull what is kept.
 
@@ -288,13 +301,15 @@ def resolve_hub_sources(
     }
     resolution = HubResolution([], selected, kept, provenance)
     if download:
-        resolution.sources = fetch_kept(repo, resolution, client, display=display)
+        resolution.sources = fetch_kept(repo, resolution, client, display=display, all_sidecars=all_sidecars)
     return resolution
 
 
-def fetch_kept(repo: str, resolution: HubResolution, client: HubClient, *, display: Display = QUIET) -> list[SourceRef]:
+def fetch_kept(
+    repo: str, resolution: HubResolution, client: HubClient, *, display: Display = QUIET, all_sidecars: bool = False
+) -> list[SourceRef]:
     """The local folders of the revisions a resolution kept: pulled, or found in the cache when offline."""
     if client.offline:
         by_name = {r.revision: r for r in pull_offline(repo, resolution.kept, client)}
         return [by_name[r.name] for r in resolution.kept]
-    return pull(repo, resolution.kept, client, display=display)
+    return pull(repo, resolution.kept, client, display=display, all_sidecars=all_sidecars)

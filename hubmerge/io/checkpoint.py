@@ -151,6 +151,7 @@ class SourceRef:
     repo: str | None = None
     revision: str | None = None
     commit: str | None = None
+    sha256: dict[str, str] | None = None  # Hub sources: each weight file's LFS sha256, verified when read
 
     @classmethod
     def local(cls, path: str | Path) -> SourceRef:
@@ -168,6 +169,8 @@ class SourceRef:
         d: dict[str, Any] = {"path": str(self.path)}
         if self.repo:
             d.update(repo=self.repo, revision=self.revision, commit=self.commit)
+        if self.sha256:
+            d["sha256"] = dict(sorted(self.sha256.items()))
         return d
 
 
@@ -252,43 +255,69 @@ def _checked_layout(path: Path) -> WeightLayout:
     return layout
 
 
-def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """Return (data start offset, header dict) of a safetensors file, validating its framing."""
+# A safetensors header longer than this is refused as corrupt (real ones are well under 1 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def header_length(head: bytes, size: int, where: str) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes, checked against the file's size."""
+    if len(head) < 8 or size < 8:
+        raise SourceError(f"{where}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise SourceError(f"{where}: corrupt safetensors header (declared length {n})")
+    return n
+
+
+def parse_safetensors_header(raw: bytes, size: int, where: str) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) from a safetensors file's first ``8 + n`` bytes, its framing validated.
+
+    Pure, so that a local file and a remote one (read by range requests) are checked by the same rule.
+    """
+    n = header_length(raw, size, where)
     try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SourceError(f"{file}: too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            size = os.fstat(f.fileno()).st_size
-            if n > 100_000_000 or 8 + n > size:
-                raise SourceError(f"{file}: corrupt safetensors header (declared length {n})")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise SourceError(f"{file}: cannot read ({e.strerror})") from e
+        header = json.loads(raw[8 : 8 + n])
     except ValueError as e:
-        raise SourceError(f"{file}: corrupt safetensors header ({e})") from e
+        raise SourceError(f"{where}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise SourceError(f"{where}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
     data_size = size - data_start
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        dtype = entry["dtype"]
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = entry["dtype"]
+            numel = math.prod(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SourceError(f"{where}: tensor {name!r} has a malformed header entry ({e})") from e
         if dtype not in ITEMSIZE:
-            raise SourceError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        numel = 1
-        for d in entry["shape"]:
-            numel *= d
+            raise SourceError(f"{where}: tensor {name!r} has unsupported dtype {dtype}")
         if end - begin != numel * ITEMSIZE[dtype] or end > data_size or begin < 0:
-            raise SourceError(f"{file}: tensor {name!r} has inconsistent offsets; the file is truncated or corrupt")
+            raise SourceError(f"{where}: tensor {name!r} has inconsistent offsets; the file is truncated or corrupt")
     return data_start, header
 
 
-def _safetensors_tensors(path: Path, files: list[str], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """Return (data start offset, header dict) of a safetensors file, validating its framing."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = header_length(head, size, str(file))
+            raw = head + f.read(n)
+    except OSError as e:
+        raise SourceError(f"{file}: cannot read ({e.strerror})") from e
+    return parse_safetensors_header(raw, size, str(file))
+
+
+def tensors_from_headers(
+    where: str, headers: Mapping[str, tuple[int, dict[str, Any]]], weight_map: Mapping[str, str] | None
+) -> dict[str, TensorInfo]:
+    """The tensor table of a checkpoint from its files' parsed headers (file name -> (data start, header))."""
     tensors: dict[str, TensorInfo] = {}
-    for fname in files:
-        start, header = read_safetensors_header(path / fname)
+    for fname, (start, header) in headers.items():
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -301,10 +330,14 @@ def _safetensors_tensors(path: Path, files: list[str], weight_map: dict[str, str
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise SourceError(
-                f"{path}: tensor {missing[0]!r} is listed in {SAFETENSORS_INDEX} under "
+                f"{where}: tensor {missing[0]!r} is listed in {SAFETENSORS_INDEX} under "
                 f"{weight_map[missing[0]]!r} but that file does not contain it"
             )
     return tensors
+
+
+def _safetensors_tensors(path: Path, files: list[str], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    return tensors_from_headers(str(path), {f: read_safetensors_header(path / f) for f in files}, weight_map)
 
 
 def _load_bin(file: Path) -> dict[str, Any]:

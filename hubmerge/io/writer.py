@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge.errors import OutputError
-from hubmerge.io.files import output_error
+from hubmerge.io.files import output_error, sha256_file
 
 TEMP_SUFFIX = ".hubmerge-partial"
 # Bytes of each output shard between write-behind steps (see WriteBehindShard).
@@ -78,6 +78,68 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+class PositionalShard:
+    """A safetensors shard whose tensors arrive out of layout order: each chunk is written at its offset.
+
+    A streamed merge computes tensors in the sources' byte order, while the output keeps the layout a cached
+    merge writes (so the two are bit-identical). The header goes first; chunks land by ``pwrite``; the sha256
+    is taken at :meth:`close` by reading the finished file once (it is in the page cache, and 1/k the size of
+    what the merge read).
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+        self.path = path
+        header = safetensors_header(entries, metadata)
+        self.offsets: dict[str, int] = {}
+        offset = len(header)
+        for name, _, _, nbytes in entries:
+            self.offsets[name] = offset
+            offset += nbytes
+        self.expected = offset
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except OSError as e:
+            raise output_error(path, e) from e
+        self.written = 0
+        self._pwrite(0, memoryview(header))
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
+        assert self._fd is not None
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+        self.written += len(view)
+
+    def write_at(self, tensor: str, offset: int, data: Any) -> None:
+        """Write ``data``, the bytes of ``tensor`` from byte ``offset`` of it on."""
+        self._pwrite(self.offsets[tensor] + offset, memoryview(data).cast("B"))
+
+    def close(self) -> str:
+        """Sync and close; return the file's sha256. Refuses a shard with fewer or more bytes than its header says."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise OutputError(f"{self.path}: closed twice", path=self.path)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise output_error(self.path, e) from e
+        finally:
+            os.close(fd)
+        if self.written != self.expected:
+            raise OutputError(
+                f"{self.path}: wrote {self.written} bytes, expected {self.expected}; output discarded", path=self.path
+            )
+        return sha256_file(self.path)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @functools.cache

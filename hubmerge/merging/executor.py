@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hubmerge.errors import HubmergeError, SourceError
 from hubmerge.io.checkpoint import ITEMSIZE, Checkpoint, CheckpointReader, SourceRef, TensorInfo, torch_dtype
@@ -39,13 +39,15 @@ from hubmerge.io.env import torch_threads
 from hubmerge.io.files import sha256_file
 from hubmerge.io.progress import QUIET, Display, Reporter
 from hubmerge.io.provenance import write_provenance
-from hubmerge.io.writer import OutputDir, ShardWriter, WriteBehindShard
+from hubmerge.io.writer import OutputDir, PositionalShard, ShardWriter, WriteBehindShard
 from hubmerge.merging.plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan, TensorPlan, provenance
 
 if TYPE_CHECKING:
     import torch
 
 _STOP = object()
+# What the reader reads: (source index, tensor, first element, element count).
+Job = tuple[int, TensorInfo, int, int]
 # A window's accumulator, the weight of the source being added, and whether it is the window's first source.
 Target = tuple["torch.Tensor", float, bool]
 
@@ -95,6 +97,18 @@ class Pass:
     write_buffers: int = WRITE_BUFFERS
     write_behind: bool = False
     force: bool = False
+    # The order tensors are read and computed in, when it is not ``tensors`` (the output's layout): a streamed
+    # pass follows the sources' byte order, and its shards are then written by position.
+    order: Sequence[TensorPlan] | None = None
+    open_reader: ReaderFactory | None = None  # None: the sources are local folders
+
+    @property
+    def processing_order(self) -> Sequence[TensorPlan]:
+        return self.order if self.order is not None else self.tensors
+
+    @property
+    def positional(self) -> bool:
+        return self.order is not None and [t.name for t in self.order] != [t.name for t in self.tensors]
 
     @property
     def in_itemsize(self) -> int:
@@ -129,16 +143,53 @@ class MergeResult:
     bytes_written: int
 
 
+class SourceReader(Protocol):
+    """Serves a pass's read jobs, in the order given when it was opened, into caller buffers."""
+
+    def read_into(self, source: int, info: TensorInfo, start: int, count: int, out: Any) -> None: ...
+
+    def finish(self) -> None:
+        """After the last job: check everything read (a streamed source's sha256); raise if it does not hold."""
+
+    def abort(self) -> None:
+        """Stop any wait in :meth:`read_into` (called from another thread when the pass fails)."""
+
+    def close(self) -> None: ...
+
+
+# Opens the reader of a pass: (the trajectory's checkpoints, every read job in order) -> reader.
+ReaderFactory = Callable[[Sequence[Checkpoint], Sequence[Job]], SourceReader]
+
+
+class LocalReaders:
+    """The reader of local folders: one :class:`CheckpointReader` per source, reading in any order."""
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], jobs: Sequence[Job] = ()) -> None:
+        self.readers = [CheckpointReader(ck) for ck in checkpoints]
+
+    def read_into(self, source: int, info: TensorInfo, start: int, count: int, out: Any) -> None:
+        self.readers[source].read_into(info, start, count, out)
+
+    def finish(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
 class _Reader(threading.Thread):
     """Reads ``(source index, tensor, first element, count)`` jobs into pooled buffers, in the order they are used.
 
     ``bytes_read`` counts what was actually read, so callers (and tests) can check that the work shared by
-    a sweep really reads each source once.
+    a sweep really reads each source once. After the last job the source reader's ``finish`` runs (a streamed
+    pass verifies every file's sha256 there); its failure is raised by :meth:`check`.
     """
 
-    def __init__(
-        self, checkpoints: Sequence[Checkpoint], jobs: Iterable[tuple[int, TensorInfo, int, int]], buffers: list[Any]
-    ) -> None:
+    def __init__(self, source: SourceReader, jobs: Iterable[Job], buffers: list[Any]) -> None:
         super().__init__(name="hubmerge-reader", daemon=True)
         self.jobs = jobs
         self.free: queue.Queue[Any] = queue.Queue()
@@ -146,8 +197,9 @@ class _Reader(threading.Thread):
             self.free.put(b)
         self.filled: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
-        self.readers = [CheckpointReader(ck) for ck in checkpoints]
+        self.source = source
         self.bytes_read = 0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -155,14 +207,21 @@ class _Reader(threading.Thread):
                 buf = self._get_free()
                 if buf is None:
                     return
-                self.readers[s].read_into(info, start, count, buf)
+                self.source.read_into(s, info, start, count, buf)
                 self.bytes_read += count * ITEMSIZE[info.dtype]
                 self.filled.put(buf)
+            self.source.finish()
         except BaseException as e:  # handed to the main thread, which raises it
+            self.error = e
             self.filled.put(e)
         finally:
-            for r in self.readers:
-                r.close()
+            self.source.close()
+
+    def check(self) -> None:
+        """Wait for the reader to end; raise what it failed with (a source that did not verify)."""
+        self.join()
+        if self.error is not None:
+            raise self.error
 
     def _get_free(self) -> Any:
         while not self.stop.is_set():
@@ -185,7 +244,9 @@ class _Writer(threading.Thread):
     Messages name their shard by path, so several shards (one per sweep window) can be open at once.
     """
 
-    def __init__(self, buffers: list[Any], shard_writer: type[ShardWriter] = ShardWriter) -> None:
+    def __init__(
+        self, buffers: list[Any], shard_writer: type[ShardWriter] | type[PositionalShard] = ShardWriter
+    ) -> None:
         super().__init__(name="hubmerge-writer", daemon=True)
         self.free: queue.Queue[Any] = queue.Queue()
         for b in buffers:
@@ -194,12 +255,12 @@ class _Writer(threading.Thread):
         self.shard_writer = shard_writer
         self.hashes: dict[Path, str] = {}
         self.error: BaseException | None = None
-        self._shards: dict[Path, ShardWriter] = {}
+        self._shards: dict[Path, Any] = {}
 
     def run(self) -> None:
         while (msg := self.todo.get()) is not _STOP:
             if self.error is not None:
-                if msg[0] == "data":
+                if msg[0] in ("data", "data_at"):
                     self.free.put(msg[2])
                 continue
             try:
@@ -208,11 +269,14 @@ class _Writer(threading.Thread):
                 elif msg[0] == "data":
                     self._shards[msg[1]].write(msg[2][: msg[3]].numpy())
                     self.free.put(msg[2])
+                elif msg[0] == "data_at":
+                    self._shards[msg[1]].write_at(msg[4], msg[5], msg[2][: msg[3]].numpy())
+                    self.free.put(msg[2])
                 else:
                     self.hashes[msg[1]] = self._shards.pop(msg[1]).close()
             except BaseException as e:
                 self.error = e
-                if msg[0] == "data":
+                if msg[0] in ("data", "data_at"):
                     self.free.put(msg[2])
                 self._abort()
         self._abort()
@@ -286,12 +350,18 @@ def read_jobs(
 
 
 class _Shards:
-    """Opens and closes each window's shards as the pass walks the (shared) tensor order."""
+    """Opens and closes each window's shards as the pass walks the tensors, and routes finished chunks to them.
+
+    In layout order a shard is open while its tensors are computed and chunks are appended; out of layout order
+    (a streamed pass) every shard is open for the whole pass and each chunk is written at its position.
+    """
 
     def __init__(self, p: Pass, folders: dict[str, Path], writer: _Writer) -> None:
         self.writer = writer
+        self.positional = p.positional
         self.current: dict[str, Path] = {}
         self.starts: dict[str, dict[str, tuple[Path, list[Any]]]] = {}
+        self.home: dict[str, dict[str, Path]] = {}  # window -> tensor -> its shard (positional passes)
         for w in p.windows:
             self.starts[w.name] = {
                 shard.tensors[0].name: (
@@ -300,8 +370,18 @@ class _Shards:
                 )
                 for shard in p.plans[w.name].shards
             }
+            self.home[w.name] = {
+                t.name: folders[w.name] / shard.file for shard in p.plans[w.name].shards for t in shard.tensors
+            }
+        if self.positional:
+            for wname, starts in self.starts.items():
+                for path, entries in starts.values():
+                    self.writer.todo.put(("open", path, entries, {"format": "pt"}))
+                    self.current[f"{wname}/{path.name}"] = path
 
     def begin_tensor(self, name: str) -> None:
+        if self.positional:
+            return
         for wname, starts in self.starts.items():
             if name in starts:
                 if wname in self.current:
@@ -309,6 +389,13 @@ class _Shards:
                 path, entries = starts[name]
                 self.writer.todo.put(("open", path, entries, {"format": "pt"}))
                 self.current[wname] = path
+
+    def put(self, window: str, tensor: str, offset: int, buf: Any, nbytes: int) -> None:
+        """Hand ``nbytes`` of ``buf``, the bytes of ``tensor`` from byte ``offset`` on, to the window's shard."""
+        if self.positional:
+            self.writer.todo.put(("data_at", self.home[window][tensor], buf, nbytes, tensor, offset))
+        else:
+            self.writer.todo.put(("data", self.current[window], buf, nbytes))
 
     def close_all(self) -> None:
         for path in self.current.values():
@@ -334,7 +421,7 @@ def _stream(
     out_plans = {w.name: {t.name: t for t in p.plans[w.name].tensors} for w in p.windows}
     shards = _Shards(p, folders, writer)
     chunk = p.chunk_elems
-    for done, tensor in enumerate(p.tensors, 1):
+    for done, tensor in enumerate(p.processing_order, 1):
         shards.begin_tensor(tensor.name)
         for start in range(0, max(tensor.numel, 1), chunk):
             count = min(chunk, tensor.numel - start)
@@ -358,7 +445,7 @@ def _stream(
                             out = writer.take()
                             out_nbytes = count * ITEMSIZE[out_dtype]
                             out[:out_nbytes].view(torch_dtype(out_dtype)).copy_(acc[:count])
-                            writer.todo.put(("data", shards.current[w.name], out, out_nbytes))
+                            shards.put(w.name, tensor.name, start * ITEMSIZE[out_dtype], out, out_nbytes)
                             free.append(acc)
                 else:
                     if prev is not None:
@@ -378,7 +465,7 @@ def _stream(
                         if w.end == t:
                             out = writer.take()
                             out[:nbytes].copy_(buf[:nbytes])
-                            writer.todo.put(("data", shards.current[w.name], out, nbytes))
+                            shards.put(w.name, tensor.name, start * ITEMSIZE[info.dtype], out, nbytes)
                     prev = (t, buf)
                 bar.advance(nbytes)
             if prev is not None:
@@ -441,15 +528,19 @@ def run_pass(
     with ExitStack() as stack:
         dirs = {w.name: OutputDir(p.plans[w.name].output, force=p.force) for w in p.windows}
         folders = {name: stack.enter_context(d) for name, d in dirs.items()}
-        jobs = read_jobs(p.tensors, p.checkpoints, needed_sources(p.windows), chunk)
-        reader = _Reader(p.checkpoints, jobs, read_buffers)
-        writer = _Writer(write_buffers, WriteBehindShard if p.write_behind else ShardWriter)
+        jobs = list(read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk))
+        source = (p.open_reader or LocalReaders)(p.checkpoints, jobs)
+        shard_writer = PositionalShard if p.positional else WriteBehindShard if p.write_behind else ShardWriter
+        reader = _Reader(source, jobs, read_buffers)
+        writer = _Writer(write_buffers, shard_writer)
         reader.start()
         writer.start()
         try:
             _stream(p, folders, reader, writer, accs, tmp, bar, describe)
+            reader.check()  # every source verified before anything is committed
         finally:
             reader.stop.set()
+            source.abort()
             writer.todo.put(_STOP)
             writer.join()
         if writer.error is not None:
@@ -496,6 +587,8 @@ def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, t
         plan.chunk_elems,
         BLOCK_ELEMS,
         force=force,
+        order=plan.stream.order if plan.stream else None,
+        open_reader=plan.stream.open_reader if plan.stream else None,
     )
     with torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32, device=device)]

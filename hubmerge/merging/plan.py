@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,26 @@ class ShardPlan:
 
 
 @dataclass
+class StreamPlan:
+    """A streamed merge's reading: the tensor order, the reader, and what it costs the network and memory."""
+
+    order: list[TensorPlan]  # the plan's tensors in the sources' byte order
+    open_reader: Callable[..., Any]  # the executor's ReaderFactory
+    bytes: int  # every byte of every source file (each is read whole, to verify its sha256)
+    files: int
+    connections: int
+    in_flight_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes,
+            "files": self.files,
+            "connections": self.connections,
+            "in_flight_bytes": self.in_flight_bytes,
+        }
+
+
+@dataclass
 class MergePlan:
     name: str
     method: str
@@ -81,6 +101,11 @@ class MergePlan:
     out_dtype: str | None
     device: str = "cpu"
     extra_provenance: dict[str, Any] = field(default_factory=dict)
+    stream: StreamPlan | None = None  # fetch: stream: how the sources are read from the Hub
+
+    @property
+    def fetch(self) -> str:
+        return "stream" if self.stream is not None else "cache"
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -110,7 +135,8 @@ class MergePlan:
 
     @property
     def memory_estimate(self) -> int:
-        return PROCESS_BASELINE_BYTES + self.buffer_bytes
+        in_flight = self.stream.in_flight_bytes if self.stream else 0
+        return PROCESS_BASELINE_BYTES + self.buffer_bytes + in_flight
 
     def to_dict(self) -> dict[str, Any]:
         tensors = self.tensors
@@ -133,6 +159,8 @@ class MergePlan:
             "bytes_written": self.bytes_written,
             "memory_estimate_bytes": self.memory_estimate,
             "device": self.device,
+            "fetch": self.fetch,
+            **({"stream": self.stream.to_dict()} if self.stream else {}),
         }
 
 
@@ -271,6 +299,7 @@ def provenance(plan: MergePlan, files: dict[str, str]) -> dict[str, Any]:
         "weights": plan.weights,
         "tensors": len(plan.tensors),
         "dropped_aliases": plan.dropped_aliases,
+        **({"fetch": plan.fetch} if any(s.repo for s in plan.sources) else {}),
         **plan.extra_provenance,
         "files": dict(sorted(files.items())),
     }

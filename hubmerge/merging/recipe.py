@@ -50,12 +50,19 @@ class HubSources(_Strict):
     ``on_anomaly`` says what to do when the integrity check finds a problem in the window: ``refuse``
     (default), ``drop_duplicates`` (leave out revisions whose weights are another revision's), or
     ``skip`` (leave out every anomalous revision). The choice is recorded in ``hubmerge.json``.
+    ``fetch`` says how the weights are read: ``cache`` (pulled into the HF cache first) or ``stream``.
     """
 
     repo: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
     revisions: list[str] | None = Field(default=None, min_length=1)
     select: Selector | None = None
     on_anomaly: Literal["refuse", "drop_duplicates", "skip"] = "refuse"
+    # cache: pull every revision into the HF cache, then merge from disk. stream: read the weights by HTTP range
+    # requests as the merge consumes them; nothing but the output is written (see hubmerge.hub.stream).
+    fetch: Literal["cache", "stream"] = "cache"
+    # fetch: stream: HTTP connections reading ranges at once (more hide a slow link's latency; on a fast local
+    # link two or three are fastest, as every byte also passes through Python).
+    connections: int = Field(default=4, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_way(self) -> HubSources:

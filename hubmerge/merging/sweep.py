@@ -61,6 +61,7 @@ from hubmerge.merging.plan import (
     READ_BUFFERS,
     WRITE_BUFFERS,
     MergePlan,
+    StreamPlan,
     TensorPlan,
     build_plan,
     check_compatible,
@@ -113,6 +114,11 @@ class SweepPlan:
     block_elems: int
     max_windows_on_disk: int | None
     force: bool = False
+    stream: StreamPlan | None = None  # fetch: stream: the sources' byte order and the reader of the Hub
+
+    @property
+    def fetch(self) -> str:
+        return "stream" if self.stream is not None else "cache"
 
     @property
     def todo(self) -> list[Window]:
@@ -175,7 +181,7 @@ class SweepPlan:
 
     @property
     def memory_estimate(self) -> int:
-        return PROCESS_BASELINE_BYTES + self.buffer_bytes
+        return PROCESS_BASELINE_BYTES + self.buffer_bytes + (self.stream.in_flight_bytes if self.stream else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -207,6 +213,8 @@ class SweepPlan:
             "max_windows_on_disk": self.max_windows_on_disk,
             "disk_bytes_keep": self.disk_bytes(True),
             "disk_bytes_delete": self.disk_bytes(False),
+            "fetch": self.fetch,
+            **({"stream": self.stream.to_dict()} if self.stream else {}),
         }
 
 
@@ -325,6 +333,9 @@ def plan_sweep(
     extra_provenance: Mapping[str, Any] | None = None,
     chunk_elems: int = SWEEP_CHUNK_ELEMS,
     block_elems: int = SWEEP_BLOCK_ELEMS,
+    checkpoints: Sequence[Checkpoint] | None = None,
+    stream: Callable[[list[TensorPlan]], StreamPlan] | None = None,
+    copies: Iterable[int] = (),
 ) -> SweepPlan:
     """Plan every window of a sweep over ``sources`` (oldest first); reads headers and finished outputs only.
 
@@ -333,14 +344,20 @@ def plan_sweep(
     applied within each window as ``hubmerge merge`` would. ``dtype``: ``float16``, ``bfloat16``,
     ``float32`` or None (as the sources). ``force``: recompute windows that are already finished.
     ``verify``: hash the files of finished windows before trusting them.
+
+    A streamed sweep (``fetch: stream``) passes the ``checkpoints`` read from remote headers, and ``stream``, which
+    makes the pass's :class:`StreamPlan` from the plan's tensors. ``copies``: sources to write as exact size-1
+    copies (``w1-LABEL``, weight 1, their own dtype) in the same pass, so that raw checkpoints that were never
+    downloaded can be scored; they are always deleted once handed over.
     """
     refs = [_as_source(s) for s in sources]
     if len(refs) < 2:
         raise RecipeError(f"a sweep needs at least 2 checkpoints, got {len(refs)}")
     sizes = sorted(set(sizes))
-    if not sizes or any(not isinstance(w, int) or w < 1 for w in sizes):
+    copies = sorted(set(copies))
+    if (not sizes and not copies) or any(not isinstance(w, int) or w < 1 for w in sizes):
         raise RecipeError(f"sweep sizes {sizes}: give window sizes as positive integers, e.g. 2,4,8")
-    if sizes[-1] > len(refs):
+    if sizes and sizes[-1] > len(refs):
         raise RecipeError(f"window size {sizes[-1]} is larger than the trajectory ({len(refs)} checkpoints)")
     if stride < 1:
         raise RecipeError(f"sweep stride {stride}: must be at least 1")
@@ -361,13 +378,15 @@ def plan_sweep(
         if root == s.path or s.path in root.parents:
             raise RecipeError(f"sweep output root {root} is inside source {i} ({s.path}); write it somewhere else")
 
-    checkpoints = [open_checkpoint(s.path) for s in refs]
+    checkpoints = list(checkpoints) if checkpoints is not None else [open_checkpoint(s.path) for s in refs]
     check_compatible(refs, checkpoints)  # the whole trajectory, so a mismatch is named once
     labels = [_label(s.label) for s in refs]
     windows: list[Window] = []
     plans: dict[str, MergePlan] = {}
-    for start, size in window_positions(len(refs), sizes, stride):
-        wname = f"w{size}-{labels[start]}-{labels[start + size - 1]}"
+    positions = [(t, 1) for t in copies] + window_positions(len(refs), sizes, stride)
+    for start, size in positions:
+        copy = size == 1
+        wname = f"w1-{labels[start]}" if copy else f"w{size}-{labels[start]}-{labels[start + size - 1]}"
         if wname in plans:
             raise RecipeError(
                 f"two windows would both be written to {root / wname}: source labels must be distinct "
@@ -378,10 +397,10 @@ def plan_sweep(
             checkpoints[start : start + size],
             root / wname,
             f"{name}-{wname}",
-            method,
+            "uniform" if copy else method,
             decay,
-            list(weights[size]) if method == "weighted" and weights else None,
-            dtype,
+            list(weights[size]) if method == "weighted" and weights and not copy else None,
+            None if copy else dtype,
             max_shard_size,
         )
         plan.extra_provenance.update(
@@ -406,8 +425,10 @@ def plan_sweep(
                 "checkpoints only?); sweep a trajectory whose checkpoints share one layout",
                 path=root / w.name,
             )
-    status = {w.name: _window_status(plans[w.name], force, verify) for w in windows}
+    # A copy is asked for only while its checkpoint lacks scores: always computed, whatever an earlier run left.
+    status = {w.name: "todo" if w.size == 1 else _window_status(plans[w.name], force, verify) for w in windows}
     todo = [w for w in windows if status[w.name] == "todo"]
+    tensors = plans[windows[0].name].tensors
     return SweepPlan(
         name=name,
         sources=refs,
@@ -420,10 +441,11 @@ def plan_sweep(
         stride=stride,
         method=method,
         dtype=dtype,
-        chunk_elems=max(1, min(chunk_elems, max(t.numel for t in plans[windows[0].name].tensors))),
+        chunk_elems=max(1, min(chunk_elems, max(t.numel for t in tensors))),
         block_elems=block_elems,
         max_windows_on_disk=max_windows_on_disk,
         force=force,
+        stream=stream(tensors) if stream is not None else None,
     )
 
 
@@ -468,7 +490,10 @@ def _pass(plan: SweepPlan, batch: list[Window]) -> Pass:
         # One more per open window: the windows that end at the same source all hand a chunk to the writer.
         write_buffers=WRITE_BUFFERS + plan.max_open,
         write_behind=True,
-        force=plan.force,
+        # a copy (w1-*) can be left committed by a run killed before handing it over; it is always rebuilt
+        force=plan.force or any(w.size == 1 for w in batch),
+        order=plan.stream.order if plan.stream else None,
+        open_reader=plan.stream.open_reader if plan.stream else None,
     )
 
 
@@ -483,7 +508,9 @@ def _hand_over(
     if on_window is not None:
         with torch_threads(threads) if threads is not None else nullcontext():
             on_window(out)
-    if not keep:
+    if out.window.size == 1:  # a raw checkpoint's copy: scored, then gone (the store keeps its scores)
+        shutil.rmtree(out.path)
+    elif not keep:
         prov = (out.path / PROVENANCE_FILE).read_text()
         atomic_write(out.path.with_name(out.path.name + DELETED_SUFFIX), prov)
         shutil.rmtree(out.path)

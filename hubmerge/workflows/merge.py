@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 from hubmerge.errors import InvalidValueError, RecipeError
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.integrity import apply_policy, check
-from hubmerge.hub.pull import check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
+from hubmerge.hub.pull import HubResolution, check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
 from hubmerge.hub.revisions import Revision, resolve_selection
+from hubmerge.hub.stream import check_stream_order, open_stream, storage_order
 from hubmerge.io.progress import QUIET, Display
+from hubmerge.io.sizes import format_size
 from hubmerge.merging.executor import MergeResult, execute
 from hubmerge.merging.methods import normalised_weights
-from hubmerge.merging.plan import MergePlan, build_plan
+from hubmerge.merging.plan import MergePlan, StreamPlan, build_plan
 from hubmerge.merging.recipe import EvaluateConfig, HubSources, RecipeDocument, load_recipe
 
 if TYPE_CHECKING:
@@ -81,8 +83,11 @@ def plan_merge(
     device: str = "cpu",
     force: bool = False,
     display: Display = QUIET,
+    stream: bool | None = None,
 ) -> MergePlan:
-    """The plan of a recipe's merge; Hub sources are selected, checked and pulled first."""
+    """The plan of a recipe's merge; Hub sources are selected, checked and pulled (or opened to stream) first.
+
+    ``stream`` overrides the recipe's ``sources.fetch`` (``--stream``)."""
     if not isinstance(doc.recipe.sources, HubSources):
         return build_plan(doc, device=device, force=force)
     hub = doc.recipe.sources
@@ -91,10 +96,50 @@ def plan_merge(
     for d in resolved.provenance["integrity"]["dropped"]:
         display.note(f"dropped {d['revision']}: {d['reason']}")
     weights = kept_weights(doc, resolved.selected, resolved.kept)  # before any download: a bad share costs nothing
+    if stream if stream is not None else hub.fetch == "stream":
+        return plan_streamed(doc, resolved, client, device=device, force=force, weights=weights, display=display)
     resolved.sources = fetch_kept(hub.repo, resolved, client, display=display)
     doc.check_output([s.path for s in resolved.sources])
     plan = build_plan(doc, resolved.sources, device=device, force=force, weights=weights)
     plan.extra_provenance.update(resolved.provenance)
+    return plan
+
+
+def plan_streamed(
+    doc: RecipeDocument,
+    resolved: HubResolution,
+    client: HubClient,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    weights: list[float] | None = None,
+    display: Display = QUIET,
+) -> MergePlan:
+    """The plan of a ``fetch: stream`` merge: tensor tables from remote headers, small files through the cache.
+
+    Nothing but the newest revision's config and tokenizer (and each revision's weight index) is downloaded.
+    """
+    hub = doc.recipe.sources
+    assert isinstance(hub, HubSources)
+    if client.offline:
+        raise RecipeError(
+            f"{doc.where}: field 'sources.fetch': stream needs the Hub, and HF_HUB_OFFLINE is set; use fetch: cache "
+            "to merge from the cache",
+            field="sources.fetch",
+        )
+    sources, checkpoints, streams = open_stream(hub.repo, resolved.kept, client, connections=hub.connections)
+    doc.check_output([s.path for s in sources])
+    plan = build_plan(doc, sources, device=device, force=force, weights=weights, checkpoints=checkpoints)
+    order = storage_order(plan.tensors, checkpoints[-1])
+    check_stream_order(order, sources, checkpoints)
+    plan.stream = StreamPlan(
+        order, streams.open_reader, streams.total_bytes, len(streams.files), streams.connections, streams.max_in_flight
+    )
+    plan.extra_provenance.update(resolved.provenance)
+    display.note(
+        f"{hub.repo}: streaming {len(sources)} revisions ({format_size(streams.total_bytes)}) by range requests over "
+        f"{streams.connections} connections; nothing but config and tokenizer goes to the HF cache"
+    )
     return plan
 
 
@@ -208,11 +253,13 @@ def merge_recipe(
     display: Display = QUIET,
     device: str = "cpu",
     threads: int = 1,
+    stream: bool | None = None,
 ) -> MergeOutcome:
-    """``hubmerge merge RECIPE``: plan (check and pull Hub sources), stream the merge into ``output.path``, then
-    evaluate, write the card and push as the recipe says. ``recipe`` is a parsed document or a file to read once."""
+    """``hubmerge merge RECIPE``: plan (check and pull Hub sources, or open them to stream), merge into
+    ``output.path``, then evaluate, write the card and push as the recipe says. ``recipe`` is a parsed document or
+    a file to read once; ``stream`` overrides the recipe's ``sources.fetch``."""
     doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
     client = client or HubClient()
-    plan = plan_merge(doc, client, device=device, force=force, display=display)
+    plan = plan_merge(doc, client, device=device, force=force, display=display, stream=stream)
     result = execute(plan, force=force, display=display, threads=threads)
     return finish_merge(doc, plan, result, client, display=display)

@@ -10,6 +10,7 @@ are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,16 +20,27 @@ from typing import Any
 import numpy as np
 
 from hubmerge.errors import RecipeError
-from hubmerge.evaluation.runner import load_tasks, plan_eval, run_eval, source_targets, target_from_folder, task_groups
+from hubmerge.evaluation.runner import (
+    EvalTarget,
+    load_tasks,
+    plan_eval,
+    run_eval,
+    source_targets,
+    target_from_folder,
+    task_groups,
+)
 from hubmerge.evaluation.tasks.specs import TaskData
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.pull import resolve_hub_sources
-from hubmerge.io.checkpoint import SourceRef
+from hubmerge.hub.revisions import parse_revision
+from hubmerge.hub.stream import StreamSources, check_stream_order, open_stream, storage_order
+from hubmerge.io.checkpoint import Checkpoint, SourceRef
 from hubmerge.io.files import atomic_write
 from hubmerge.io.progress import QUIET, Display
+from hubmerge.merging.plan import StreamPlan, TensorPlan
 from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
 from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
-from hubmerge.results.keys import model_key
+from hubmerge.results.keys import model_key, task_key
 from hubmerge.results.store import ResultsStore
 from hubmerge.stability.report import Comparison, compare
 from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
@@ -103,9 +115,13 @@ def run_sweep_recipe(
     display: Display = QUIET,
     keep: bool | None = None,
     out: str | Path | None = None,
+    stream: bool | None = None,
 ) -> SweepReport:
     """``hubmerge sweep RECIPE``: score the raw checkpoints, build and score every averaged window (one shared
-    read), compute the ensembles from stored scores, and write the stability report and recommendation."""
+    read), compute the ensembles from stored scores, and write the stability report and recommendation.
+
+    ``stream`` overrides a Hub recipe's ``sources.fetch``: streamed, no weight is downloaded (see
+    :mod:`hubmerge.hub.stream`); raw checkpoints are then scored from exact copies written in the same pass."""
     doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
     recipe_ = doc.recipe
     where = doc.where
@@ -113,10 +129,23 @@ def run_sweep_recipe(
         raise RecipeError(f"{where}: a sweep needs both a 'sweep:' block (sizes, stride) and an 'evaluate:' block")
     client = client or HubClient()
     sources: list[SourceRef]
+    opened: tuple[list[SourceRef], list[Checkpoint], StreamSources] | None = None  # fetch: stream
     if isinstance(recipe_.sources, HubSources):
         hub = recipe_.sources
-        sources = resolve_hub_sources(hub.repo, hub.selector, hub.on_anomaly, client, display=display).sources
+        streamed = stream if stream is not None else hub.fetch == "stream"
+        resolved = resolve_hub_sources(
+            hub.repo, hub.selector, hub.on_anomaly, client, download=not streamed, display=display, all_sidecars=True
+        )
+        for d in resolved.provenance["integrity"]["dropped"]:
+            display.note(f"dropped {d['revision']}: {d['reason']}")
+        if streamed:
+            opened = open_stream(hub.repo, resolved.kept, client, connections=hub.connections, all_sidecars=True)
+            sources = opened[0]
+        else:
+            sources = resolved.sources
     else:
+        if stream:
+            raise RecipeError(f"{where}: --stream applies to Hub sources; this recipe lists local folders")
         sources = [SourceRef(p, p.name) for p in doc.local_sources()]
     sweep_cfg, eval_cfg = recipe_.sweep, recipe_.evaluate
     sizes = sweep_cfg.sizes
@@ -130,9 +159,23 @@ def run_sweep_recipe(
     )
     groups = task_groups(eval_cfg.task_list, tasks)
     store = ResultsStore(eval_cfg.results)
-    raw = source_targets(sources)
     bs = eval_cfg.batch_size
-    run_eval(plan_eval(raw, tasks, store), store, client=client, batch_size=bs, display=display)
+    copies: list[int] = []
+    if opened is None:
+        raw = source_targets(sources)
+        run_eval(plan_eval(raw, tasks, store), store, client=client, batch_size=bs, display=display)
+    else:
+        # Streamed: the raw checkpoints are not on disk. Those still lacking scores are written as exact copies in
+        # the sweep's own pass (each source byte is read once) and scored there, under their own content keys.
+        raw = streamed_targets(sources)
+        todo = plan_eval(raw, tasks, store).todo
+        copies = [
+            i
+            for i, t in enumerate(raw)
+            if any(todo.get((t.key, task_key(task.spec.name, task.data_hash))) for task in tasks)
+        ]
+        for t in raw:
+            store.register_checkpoint(t)  # first: the store records the revision, not a copy's temporary folder
 
     root = Path(recipe_.output.path).expanduser().resolve()
     averaged_sizes = [w for w in sizes if w >= 2]
@@ -140,13 +183,16 @@ def run_sweep_recipe(
     window_keys: dict[str, str] = {}
 
     def on_window(wo: WindowOutput) -> None:
-        target = target_from_folder(wo.path, label=wo.window.name)
-        window_keys[wo.window.name] = target.key
+        if wo.window.size == 1:  # a raw checkpoint's exact copy, scored under the checkpoint's own key
+            target = dataclasses.replace(raw[wo.window.start], path=wo.path)
+        else:
+            target = target_from_folder(wo.path, label=wo.window.name)
+            window_keys[wo.window.name] = target.key
         run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display)
 
     result = None
     windows = []
-    if averaged_sizes:
+    if averaged_sizes or copies:
         splan = plan_sweep(
             sources,
             averaged_sizes,
@@ -159,6 +205,7 @@ def run_sweep_recipe(
             max_shard_size=recipe_.output.max_shard_size,
             max_windows_on_disk=sweep_cfg.max_windows_on_disk,
             name=recipe_.name,
+            **(stream_options(opened, copies) if opened is not None else {}),
         )
         windows = splan.windows
         result = run_sweep(splan, on_window=on_window, keep=keep, display=display)
@@ -198,6 +245,41 @@ def run_sweep_recipe(
     atomic_write(out_dir / "recommendation.json", json.dumps(report.recommendation, indent=2) + "\n")
     report.files.append(out_dir / "recommendation.json")
     return report
+
+
+def streamed_targets(sources: list[SourceRef]) -> list[EvalTarget]:
+    """Evaluation targets of streamed sources: keyed by the LFS sha256 the stream verified, as a pull's are."""
+    return [
+        EvalTarget(
+            s.label,
+            sorted((s.sha256 or {}).values()),
+            path=s.path,
+            repo=s.repo,
+            revision=s.revision,
+            commit=s.commit,
+            step=parse_revision(s.revision or s.label).step,
+        )
+        for s in sources
+    ]
+
+
+def stream_options(opened: tuple[list[SourceRef], list[Checkpoint], StreamSources], copies: list[int]) -> dict:
+    """:func:`plan_sweep`'s options for a streamed sweep: remote checkpoints, the byte order, the raw copies."""
+    sources, checkpoints, streams = opened
+
+    def stream_plan(tensors: list[TensorPlan]) -> StreamPlan:
+        order = storage_order(tensors, checkpoints[-1])
+        check_stream_order(order, sources, checkpoints)
+        return StreamPlan(
+            order,
+            streams.open_reader,
+            streams.total_bytes,
+            len(streams.files),
+            streams.connections,
+            streams.max_in_flight,
+        )
+
+    return {"checkpoints": checkpoints, "stream": stream_plan, "copies": copies}
 
 
 def _window_key_of_tombstone(tomb: Path) -> str:
