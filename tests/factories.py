@@ -134,3 +134,15 @@ def make_models(root: Path, n: int, texts: list[str]) -> list[Path]:
         tok.save_pretrained(path)
         paths.append(path)
     return paths
+
+
+def terminate_mid_merge(proc, folder: Path, pattern: str = ".out.*", timeout: float = 60) -> str:
+    """SIGTERM ``proc`` once its hidden partial output (``pattern`` in ``folder``) appears; its stderr."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not list(folder.glob(pattern)) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=timeout)[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import load_state, save_trajectory, write_recipe
+from factories import load_state, save_trajectory, terminate_mid_merge, write_recipe
 from typer.testing import CliRunner
 
 from hubmerge.cli import app
@@ -185,9 +185,6 @@ def test_memory_estimate_is_independent_of_source_count(tmp_path):
 
 def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
     """SIGTERM in the middle of a merge: the target never appears and the partial folder is removed."""
-    import signal
-    import time
-
     paths = save_trajectory(tmp_path / "ckpts", 4)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
     # Slow the writer down so the signal lands mid-merge.
@@ -200,11 +197,7 @@ def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
         "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(recipe)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.*")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    stderr = terminate_mid_merge(proc, tmp_path)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert not (tmp_path / "out").exists()

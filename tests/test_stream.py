@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from factories import save_trajectory
+from factories import save_trajectory, terminate_mid_merge
 from test_hub_flow import REPO, invoke, seed
 
 from hubmerge.errors import HubError, SourceError, StreamError
@@ -308,10 +308,8 @@ def test_the_bandwidth_limit_paces_every_connection_together(tmp_path, hub, hub_
 
 
 def test_sigterm_mid_stream_leaves_nothing(tmp_path, hub, hub_api):
-    import signal
     import subprocess
     import sys
-    import time
 
     from hubmerge.devhub import HubServer
 
@@ -324,11 +322,7 @@ def test_sigterm_mid_stream_leaves_nothing(tmp_path, hub, hub_api):
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.time() + 60
-        while not list(tmp_path.glob(".out.*")) and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = terminate_mid_merge(proc, tmp_path)
     assert proc.returncode == 130, stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert "Traceback" not in stderr

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hubmerge.errors import HubError, RevisionError
 from hubmerge.io.checkpoint import SIDECAR_FILES, weight_layout
 from hubmerge.io.env import hf_endpoint, hf_offline
+from hubmerge.version import __version__
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -82,7 +83,7 @@ class HubClient:
         """The real client, aimed at this endpoint with this token."""
         from huggingface_hub import HfApi
 
-        return HfApi(endpoint=self.endpoint, token=self.token, library_name="hubmerge")
+        return HfApi(endpoint=self.endpoint, token=self.token, library_name="hubmerge", library_version=__version__)
 
     @contextmanager
     def errors(self, repo: str, revision: str | None = None, action: str = "read") -> Iterator[None]:

@@ -49,6 +49,7 @@ from hubmerge.io.checkpoint import (
     read_weight_map,
     tensors_from_headers,
 )
+from hubmerge.version import __version__
 
 # Bytes of one range request, and the bound on fetched-but-unconsumed bytes; see the module docstring.
 PART_BYTES = 4 * 2**20
@@ -90,7 +91,7 @@ class RangeClient:
 
         self.client = client
         self.session = get_session()
-        self.headers = build_hf_headers(token=client.token, library_name="hubmerge")
+        self.headers = build_hf_headers(token=client.token, library_name="hubmerge", library_version=__version__)
         self.headers["Accept-Encoding"] = "identity"  # Content-Range counts stored bytes
         self.timeout = _timeout(constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT)
         self._locations: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
@@ -134,12 +135,13 @@ class RangeClient:
     def read(self, f: StreamFile, start: int, into: memoryview, stop: threading.Event | None = None) -> None:
         """Fill ``into`` with the file's bytes from ``start``: one range per request, resumed where it dropped."""
         where = {"repo": f.repo, "revision": f.revision, "path": f.name}
-        length, got, failures, refreshed = len(into), 0, 0, False
+        length, got, failures, refreshed, refresh = len(into), 0, 0, False, False
         while got < length:
             if stop is not None and stop.is_set():
                 raise StreamError(f"{f.where}: streaming was stopped", **where)
             first, last = start + got, start + length - 1
-            url, headers = self.location(f.repo, f.revision, f.commit, f.name, refresh=refreshed)
+            url, headers = self.location(f.repo, f.revision, f.commit, f.name, refresh=refresh)
+            refresh = False
             filled = [got]  # advanced as bytes arrive, so a dropped connection resumes from the last byte
             error: BaseException | None = None
             try:
@@ -155,7 +157,7 @@ class RangeClient:
                         f"{CACHE_HINT}",
                         **where,
                     )
-                refreshed = True
+                refreshed = refresh = True  # resolved again once; a second refusal is final
                 continue
             progressed, got = filled[0] > got, filled[0]
             if got >= length:
