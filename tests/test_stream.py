@@ -133,7 +133,7 @@ def test_a_connection_that_keeps_dropping_is_one_line_and_nothing_is_committed(t
     quick = HubClient(endpoint=hub.url, token="hf_test", offline=False, tries=2)
     with pytest.raises(StreamError, match="dropped 2 times.*fetch: cache"):
         merge_recipe(recipe(tmp_path, "out", "stream"), quick)
-    assert not list(tmp_path.glob("*out*")) or not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(f".out.*{TEMP_SUFFIX}"))
 
 
@@ -271,7 +271,7 @@ def test_the_dev_hub_redirects_lfs_files_to_a_storage_host_that_serves_ranges(tm
     assert small.status_code == 200  # small, non-LFS files are served in place
 
 
-def test_an_expired_storage_url_is_resolved_again(tmp_path, hub, hub_api, client, monkeypatch):
+def test_an_expired_storage_url_is_resolved_again(tmp_path, hub, hub_api, client):
     """The Hub's presigned URLs expire; one that dies mid-merge is resolved again, and the merge completes."""
     import secrets
 
@@ -326,3 +326,16 @@ def test_sigterm_mid_stream_leaves_nothing(tmp_path, hub, hub_api):
     assert proc.returncode == 130, stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert "Traceback" not in stderr
+
+
+def test_offline_with_fetch_stream_says_so_before_anything(tmp_path, hub, hub_api):
+    from typer.testing import CliRunner
+
+    from hubmerge.cli import app
+
+    seeded(tmp_path, hub, hub_api)
+    start = len(hub.requests)
+    args = ["merge", str(recipe(tmp_path, "out", "stream")), "--endpoint", hub.url]
+    res = CliRunner().invoke(app, args, env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 2 and "HF_HUB_OFFLINE" in res.output and "fetch: cache" in res.output
+    assert len(hub.requests) == start  # not one request

@@ -92,17 +92,30 @@ def plan_merge(
         return build_plan(doc, device=device, force=force)
     hub = doc.recipe.sources
     client = client or HubClient()
+    streamed = stream if stream is not None else hub.fetch == "stream"
+    if streamed:
+        check_online(doc, client)
     resolved = resolve_hub_sources(hub.repo, hub.selector, hub.on_anomaly, client, download=False)
     for d in resolved.provenance["integrity"]["dropped"]:
         display.note(f"dropped {d['revision']}: {d['reason']}")
     weights = kept_weights(doc, resolved.selected, resolved.kept)  # before any download: a bad share costs nothing
-    if stream if stream is not None else hub.fetch == "stream":
+    if streamed:
         return plan_streamed(doc, resolved, client, device=device, force=force, weights=weights, display=display)
     resolved.sources = fetch_kept(hub.repo, resolved, client, display=display)
     doc.check_output([s.path for s in resolved.sources])
     plan = build_plan(doc, resolved.sources, device=device, force=force, weights=weights)
     plan.extra_provenance.update(resolved.provenance)
     return plan
+
+
+def check_online(doc: RecipeDocument, client: HubClient) -> None:
+    """A streamed merge or sweep reads the Hub: with ``HF_HUB_OFFLINE`` set, say so before anything else."""
+    if client.offline:
+        raise RecipeError(
+            f"{doc.where}: field 'sources.fetch': stream reads the weights from the Hub, and HF_HUB_OFFLINE is set; "
+            "use fetch: cache (or --cache) to merge from the HF cache",
+            field="sources.fetch",
+        )
 
 
 def plan_streamed(
@@ -121,12 +134,7 @@ def plan_streamed(
     """
     hub = doc.recipe.sources
     assert isinstance(hub, HubSources)
-    if client.offline:
-        raise RecipeError(
-            f"{doc.where}: field 'sources.fetch': stream needs the Hub, and HF_HUB_OFFLINE is set; use fetch: cache "
-            "to merge from the cache",
-            field="sources.fetch",
-        )
+    check_online(doc, client)
     sources, checkpoints, streams = open_stream(hub.repo, resolved.kept, client, connections=hub.connections)
     doc.check_output([s.path for s in sources])
     plan = build_plan(doc, sources, device=device, force=force, weights=weights, checkpoints=checkpoints)

@@ -44,6 +44,7 @@ from hubmerge.results.keys import model_key, task_key
 from hubmerge.results.store import ResultsStore
 from hubmerge.stability.report import Comparison, compare
 from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
+from hubmerge.workflows.merge import check_online
 from hubmerge.workflows.reports import write_outputs
 
 # Window sizes whose instability is within this factor of the lowest count as "the lowest".
@@ -133,6 +134,8 @@ def run_sweep_recipe(
     if isinstance(recipe_.sources, HubSources):
         hub = recipe_.sources
         streamed = stream if stream is not None else hub.fetch == "stream"
+        if streamed:
+            check_online(doc, client)
         resolved = resolve_hub_sources(
             hub.repo, hub.selector, hub.on_anomaly, client, download=not streamed, display=display, all_sidecars=True
         )
