@@ -164,7 +164,7 @@ ReaderFactory = Callable[[Sequence[Checkpoint], Sequence[Job]], SourceReader]
 class LocalReaders:
     """The reader of local folders: one :class:`CheckpointReader` per source, reading in any order."""
 
-    def __init__(self, checkpoints: Sequence[Checkpoint], jobs: Sequence[Job] = ()) -> None:
+    def __init__(self, checkpoints: Sequence[Checkpoint]) -> None:
         self.readers = [CheckpointReader(ck) for ck in checkpoints]
 
     def read_into(self, source: int, info: TensorInfo, start: int, count: int, out: Any) -> None:
@@ -528,8 +528,12 @@ def run_pass(
     with ExitStack() as stack:
         dirs = {w.name: OutputDir(p.plans[w.name].output, force=p.force) for w in p.windows}
         folders = {name: stack.enter_context(d) for name, d in dirs.items()}
-        jobs = list(read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk))
-        source = (p.open_reader or LocalReaders)(p.checkpoints, jobs)
+        jobs: Iterable[Job] = read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk)
+        if p.open_reader is None:
+            source: SourceReader = LocalReaders(p.checkpoints)  # reads in any order: the jobs stay a generator
+        else:
+            jobs = list(jobs)  # a stream schedules its range reads from the whole list
+            source = p.open_reader(p.checkpoints, jobs)
         shard_writer = PositionalShard if p.positional else WriteBehindShard if p.write_behind else ShardWriter
         reader = _Reader(source, jobs, read_buffers)
         writer = _Writer(write_buffers, shard_writer)
