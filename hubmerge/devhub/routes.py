@@ -552,8 +552,8 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(self.store.blob_path(sha256), start, end - start + 1, key, size)
 
     def _stream(self, blob: Path, start: int, length: int, key: tuple[str, str, str], size: int) -> None:
-        """Send ``length`` bytes of ``blob`` from ``start``: by ``sendfile`` (no copy through Python), in paced
-        steps under a bandwidth limit, or copied when a fault flips a byte or cuts the body short."""
+        """Send ``length`` bytes of ``blob`` from ``start`` by ``sendfile`` (no copy through Python): in paced steps
+        under a bandwidth limit, copied around an injected flipped byte, cut short by an injected drop."""
         faults = self.server.hub.faults
         throttle = self.server.hub.throttle
         drop_after = faults.take_drop(key)
