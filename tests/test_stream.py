@@ -82,8 +82,9 @@ def test_stream_and_cache_merges_are_bit_identical(tmp_path, hub, hub_api, clien
     listed = {f.path: f.lfs.sha256 for f in hub_api.list_repo_tree(REPO, revision=NAMES[-1]) if f.lfs}
     assert prov["sources"][-1]["sha256"] == {k: v for k, v in listed.items() if k.endswith(".safetensors")}
     assert prov["sources"][-1]["sha256"]
+    assert streamed.plan.stream.files == sum(len(ck.files) for ck in streamed.plan.checkpoints)
     if fmt == "sharded":
-        assert len(weight_files(streamed.output)) > 1
+        assert len(weight_files(streamed.output)) > 1 and streamed.plan.stream.files > 3
 
 
 def test_ranges_go_to_the_storage_host_without_the_token(tmp_path, hub, hub_api, client):
@@ -106,7 +107,8 @@ def test_dry_run_shows_the_stream_and_downloads_no_weights(tmp_path, hub, hub_ap
     res = invoke(hub, "merge", str(recipe(tmp_path, "out", "cache")), "--dry-run", "--stream", "--json")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
-    assert plan["fetch"] == "stream" and plan["stream"]["files"] == 3 and plan["stream"]["connections"] >= 1
+    assert plan["fetch"] == "stream" and plan["stream"]["connections"] == 4
+    assert plan["stream"]["files"] == sum(len(s["files"]) for s in plan["sources"]) == 3
     assert plan["stream"]["bytes"] > plan["bytes_written"]
     assert not (tmp_path / "out").exists()
     assert not [p for p in hf_cache.rglob("*.safetensors")]

@@ -57,6 +57,8 @@ MAX_IN_FLIGHT = 24 * 2**20
 CONNECTIONS = 4
 # The first header read: most safetensors headers fit (huggingface_hub reads 100 kB the same way).
 HEADER_PROBE = 100_000
+# What opening a trajectory to stream gives: its sources, their checkpoints (from remote headers), the files.
+OpenedStream = tuple[list[SourceRef], list[Checkpoint], "StreamSources"]
 CACHE_HINT = "use `fetch: cache` (or drop --stream) to download the files into the HF cache instead"
 
 
@@ -247,6 +249,10 @@ class StreamSources:
     def total_bytes(self) -> int:
         return sum(f.size for files in self.files.values() for f in files.values())
 
+    @property
+    def file_count(self) -> int:
+        return sum(len(files) for files in self.files.values())
+
     def open_reader(self, checkpoints: Sequence[Checkpoint], jobs: Sequence[tuple[int, TensorInfo, int, int]]) -> Any:
         return StreamReader(self, jobs)
 
@@ -272,7 +278,7 @@ def plan_stream(
     snapshots: Sequence[Path],
     connections: int = CONNECTIONS,
     max_in_flight: int = MAX_IN_FLIGHT,
-) -> tuple[list[SourceRef], list[Checkpoint], StreamSources]:
+) -> OpenedStream:
     """Sources, their checkpoints (tensor tables from remote headers) and the files to stream; no weight read.
 
     ``snapshots`` are the cache folders the revisions' small files live in (the newest holds config and
@@ -336,7 +342,7 @@ def open_stream(
     connections: int = CONNECTIONS,
     max_in_flight: int = MAX_IN_FLIGHT,
     all_sidecars: bool = False,
-) -> tuple[list[SourceRef], list[Checkpoint], StreamSources]:
+) -> OpenedStream:
     """List the revisions' files, fetch the newest's config and tokenizer (``all_sidecars``: every revision's)
     into the cache, and read the remote headers. No weight byte is read."""
     plan = plan_pull(repo, revisions, client, workers=connections)

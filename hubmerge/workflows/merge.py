@@ -15,12 +15,12 @@ from hubmerge.hub.client import HubClient
 from hubmerge.hub.integrity import apply_policy, check
 from hubmerge.hub.pull import HubResolution, check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
 from hubmerge.hub.revisions import Revision, resolve_selection
-from hubmerge.hub.stream import check_stream_order, open_stream, storage_order
+from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream, storage_order
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.sizes import format_size
 from hubmerge.merging.executor import MergeResult, execute
 from hubmerge.merging.methods import normalised_weights
-from hubmerge.merging.plan import MergePlan, StreamPlan, build_plan
+from hubmerge.merging.plan import MergePlan, StreamPlan, TensorPlan, build_plan
 from hubmerge.merging.recipe import EvaluateConfig, HubSources, RecipeDocument, load_recipe
 
 if TYPE_CHECKING:
@@ -108,6 +108,17 @@ def plan_merge(
     return plan
 
 
+def stream_plan(tensors: list[TensorPlan], opened: OpenedStream) -> StreamPlan:
+    """How a merge (or a sweep's pass) reads streamed sources: the newest revision's byte order, checked against
+    every source's, and the reader; refuses a source stored in another order before any weight is read."""
+    sources, checkpoints, streams = opened
+    order = storage_order(tensors, checkpoints[-1])
+    check_stream_order(order, sources, checkpoints)
+    return StreamPlan(
+        order, streams.open_reader, streams.total_bytes, streams.file_count, streams.connections, streams.max_in_flight
+    )
+
+
 def check_online(doc: RecipeDocument, client: HubClient) -> None:
     """A streamed merge or sweep reads the Hub: with ``HF_HUB_OFFLINE`` set, say so before anything else."""
     if client.offline:
@@ -138,11 +149,7 @@ def plan_streamed(
     sources, checkpoints, streams = open_stream(hub.repo, resolved.kept, client, connections=hub.connections)
     doc.check_output([s.path for s in sources])
     plan = build_plan(doc, sources, device=device, force=force, weights=weights, checkpoints=checkpoints)
-    order = storage_order(plan.tensors, checkpoints[-1])
-    check_stream_order(order, sources, checkpoints)
-    plan.stream = StreamPlan(
-        order, streams.open_reader, streams.total_bytes, len(streams.files), streams.connections, streams.max_in_flight
-    )
+    plan.stream = stream_plan(plan.tensors, (sources, checkpoints, streams))
     plan.extra_provenance.update(resolved.provenance)
     display.note(
         f"{hub.repo}: streaming {len(sources)} revisions ({format_size(streams.total_bytes)}) by range requests over "

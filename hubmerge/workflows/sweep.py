@@ -33,18 +33,17 @@ from hubmerge.evaluation.tasks.specs import TaskData
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.pull import resolve_hub_sources
 from hubmerge.hub.revisions import parse_revision
-from hubmerge.hub.stream import StreamSources, check_stream_order, open_stream, storage_order
-from hubmerge.io.checkpoint import Checkpoint, SourceRef
+from hubmerge.hub.stream import OpenedStream, open_stream
+from hubmerge.io.checkpoint import SourceRef
 from hubmerge.io.files import atomic_write
 from hubmerge.io.progress import QUIET, Display
-from hubmerge.merging.plan import StreamPlan, TensorPlan
 from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
 from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
 from hubmerge.results.keys import model_key, task_key
 from hubmerge.results.store import ResultsStore
 from hubmerge.stability.report import Comparison, compare
 from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
-from hubmerge.workflows.merge import check_online
+from hubmerge.workflows.merge import check_online, stream_plan
 from hubmerge.workflows.reports import write_outputs
 
 # Window sizes whose instability is within this factor of the lowest count as "the lowest".
@@ -130,7 +129,7 @@ def run_sweep_recipe(
         raise RecipeError(f"{where}: a sweep needs both a 'sweep:' block (sizes, stride) and an 'evaluate:' block")
     client = client or HubClient()
     sources: list[SourceRef]
-    opened: tuple[list[SourceRef], list[Checkpoint], StreamSources] | None = None  # fetch: stream
+    opened: OpenedStream | None = None  # fetch: stream
     if isinstance(recipe_.sources, HubSources):
         hub = recipe_.sources
         streamed = stream if stream is not None else hub.fetch == "stream"
@@ -266,23 +265,9 @@ def streamed_targets(sources: list[SourceRef]) -> list[EvalTarget]:
     ]
 
 
-def stream_options(opened: tuple[list[SourceRef], list[Checkpoint], StreamSources], copies: list[int]) -> dict:
+def stream_options(opened: OpenedStream, copies: list[int]) -> dict:
     """:func:`plan_sweep`'s options for a streamed sweep: remote checkpoints, the byte order, the raw copies."""
-    sources, checkpoints, streams = opened
-
-    def stream_plan(tensors: list[TensorPlan]) -> StreamPlan:
-        order = storage_order(tensors, checkpoints[-1])
-        check_stream_order(order, sources, checkpoints)
-        return StreamPlan(
-            order,
-            streams.open_reader,
-            streams.total_bytes,
-            len(streams.files),
-            streams.connections,
-            streams.max_in_flight,
-        )
-
-    return {"checkpoints": checkpoints, "stream": stream_plan, "copies": copies}
+    return {"checkpoints": opened[1], "stream": lambda tensors: stream_plan(tensors, opened), "copies": copies}
 
 
 def _window_key_of_tombstone(tomb: Path) -> str:
