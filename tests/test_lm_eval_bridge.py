@@ -218,7 +218,12 @@ def test_task_data_that_changed_under_the_same_config_is_caught(archive, tmp_pat
 
 @pytest.fixture
 def evaluate(archive):
-    """lm-eval's own runner, leaving the process's random generators as they were (seeds None)."""
+    """lm-eval's own runner, leaving the process's random generators as they were (seeds None).
+
+    ``bootstrap_iters=0``: no standard errors, which lm-eval computes in a forked ``multiprocessing.Pool``. Forking
+    this many-threaded test process (dev Hub servers, Ray's SIGTERM handler left by an earlier ``--ray`` test) once
+    left a pool worker that ignored the pool's SIGTERM, and the run hung. No test here reads the stderrs.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -232,6 +237,7 @@ def evaluate(archive):
             random_seed=None,
             numpy_random_seed=None,
             torch_random_seed=None,
+            bootstrap_iters=0,
             **kwargs,
         )
 
@@ -352,6 +358,7 @@ def test_a_rolling_task_weighs_perplexity_with_its_own_counts(archive, tmp_path,
         random_seed=None,
         numpy_random_seed=None,
         torch_random_seed=None,
+        bootstrap_iters=0,  # no forked pool in this process: see the evaluate fixture
     )["results"]["mini_wiki"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert ours[metric] == pytest.approx(theirs[f"{metric},none"], rel=1e-9), metric
