@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,45 @@ def test_existing_output_refused_without_force(tmp_path):
     res = runner.invoke(app, ["merge", str(recipe), "-q", "--force"])
     assert res.exit_code == 0 and (tmp_path / "out" / "hubmerge.json").read_bytes() == before
     assert stale_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("victim", ["unrelated", "recipe folder", "file"])
+def test_force_replaces_only_what_hubmerge_wrote(tmp_path, victim):
+    """``--force`` once deleted a folder of unrelated files (and, pointed at it, the recipe's own folder)."""
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    if victim == "unrelated":
+        target = tmp_path / "notes"
+        target.mkdir()
+        (target / "thesis.tex").write_text("months of work")
+        recipe = write_recipe(tmp_path / "r.yaml", paths, target)
+    elif victim == "recipe folder":
+        target = tmp_path / "recipes"
+        target.mkdir()
+        recipe = write_recipe(target / "r.yaml", paths, target)
+    else:
+        target = tmp_path / "out.txt"
+        target.write_text("a file")
+        recipe = write_recipe(tmp_path / "r.yaml", paths, target)
+    before = sorted((p.name, p.read_bytes()) for p in ([target] if target.is_file() else target.iterdir()))
+    res = runner.invoke(app, ["merge", str(recipe), "-q", "--force"])
+    assert res.exit_code == 4 and "--force replaces only" in res.output and str(target) in res.output
+    assert sorted((p.name, p.read_bytes()) for p in ([target] if target.is_file() else target.iterdir())) == before
+    assert stale_partials(target.parent) == []
+
+
+def test_force_replaces_an_empty_folder_and_outputs_follow_the_umask(tmp_path):
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    (tmp_path / "empty").mkdir()
+    previous = os.umask(0o027)
+    try:
+        res = runner.invoke(
+            app, ["merge", str(write_recipe(tmp_path / "r.yaml", paths, tmp_path / "empty")), "-q", "--force"]
+        )
+    finally:
+        os.umask(previous)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    assert (tmp_path / "empty").stat().st_mode & 0o777 == 0o750  # as mkdir would make it, not mkdtemp's 0700
 
 
 def test_memory_estimate_is_independent_of_source_count(tmp_path):

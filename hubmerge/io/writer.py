@@ -22,6 +22,7 @@ from typing import Any
 
 from hubmerge.errors import OutputError
 from hubmerge.io.files import output_error, sha256_file
+from hubmerge.io.provenance import PROVENANCE_FILE
 
 TEMP_SUFFIX = ".hubmerge-partial"
 # Bytes of each output shard between write-behind steps (see WriteBehindShard).
@@ -198,6 +199,8 @@ class OutputDir:
     def __enter__(self) -> Path:
         if self.target.exists() and not self.force:
             raise OutputError(f"{self.target} already exists; pass --force to replace it", path=self.target)
+        if self.target.exists():
+            check_replaceable(self.target)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(
@@ -212,9 +215,12 @@ class OutputDir:
         if self.path is None:
             raise OutputError(f"{self.target}: nothing to commit (the output folder was not opened)", path=self.target)
         old = None
+        with contextlib.suppress(OSError):  # mkdtemp made it 0700: give it the mode any folder the user makes has
+            os.chmod(self.path, 0o777 & ~current_umask())
         if self.target.exists():
             if not self.force:
                 raise OutputError(f"{self.target} appeared while merging; pass --force to replace it", path=self.target)
+            check_replaceable(self.target)
             old = self.target.with_name(f".{self.target.name}.replaced{TEMP_SUFFIX}")
             if old.exists():
                 shutil.rmtree(old)
@@ -228,6 +234,31 @@ class OutputDir:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
+
+
+def check_replaceable(target: Path) -> None:
+    """``--force`` replaces only what hubmerge wrote (a folder holding ``hubmerge.json``) or an empty folder."""
+    if target.is_dir() and (not any(target.iterdir()) or (target / PROVENANCE_FILE).is_file()):
+        return
+    what = "a file" if not target.is_dir() else f"a folder hubmerge did not write (no {PROVENANCE_FILE})"
+    raise OutputError(
+        f"{target} is {what}; --force replaces only an earlier hubmerge output or an empty folder: choose another "
+        "output.path, or remove it yourself",
+        path=target,
+    )
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read, put back at once
+    os.umask(mask)
+    return mask
 
 
 def stale_partials(parent: Path) -> list[Path]:
