@@ -352,3 +352,43 @@ def test_model_card_push_and_validate_yaml(hub: HubServer, hub_api: HfApi, monke
         "    dataset: {type: wikitext, name: WikiText}\n    metrics:\n    - {type: perplexity, value: 12.5}\n"
     )
     ModelCard(f"---\n{good_index}---\n# card\n").validate()
+
+
+def test_an_oversized_or_malformed_body_is_refused_not_read(hub):
+    """A Content-Length of 100 GB once ended in a MemoryError and a 500; it is 413, and nothing is allocated."""
+    status, headers, body = raw(hub, "POST", "/api/repos/create", headers={"Content-Length": "99999999999"})
+    assert status == 413 and "too large" in headers["X-Error-Message"]
+    status, _, _ = raw(hub, "POST", "/api/repos/create", headers={"Content-Length": "lots"})
+    assert status == 400
+    assert raw(hub, "GET", "/api/whoami-v2")[0] == 200  # the server still answers
+
+
+def test_hub_serve_restricts_tokens_from_the_command_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "hubmerge", "hub", "serve", "--root", str(tmp_path / "h"), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--token", "hf_a", "--token", "hf_b", "-q"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        codes = {}
+        for token in ("hf_a", "hf_b", "hf_other"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/api/whoami-v2", headers={"Authorization": f"Bearer {token}"})
+            codes[token] = conn.getresponse().status
+            conn.close()
+        assert codes == {"hf_a": 200, "hf_b": 200, "hf_other": 401}
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "one of the 2 token(s) given" in out and "hf_a" not in out  # tokens are never printed

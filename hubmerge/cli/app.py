@@ -350,6 +350,10 @@ def hub_serve(
         float | None,
         typer.Option(help="Cap on the bytes it sends, in MB/s (10^6 bytes), all connections together.", min=0.001),
     ] = None,
+    token: Annotated[
+        list[str] | None,
+        typer.Option("--token", help="Accept only this bearer token (repeat for several); default: any token."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a local Hub-compatible server (development and demos only).
@@ -358,7 +362,14 @@ def hub_serve(
     range requests."""
     from hubmerge.devhub import serve
 
-    serve(root, host=host, port=port, max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None, verbose=not quiet)
+    serve(
+        root,
+        host=host,
+        port=port,
+        max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None,
+        verbose=not quiet,
+        tokens=set(token) if token else None,
+    )
 
 
 @app.command("eval")

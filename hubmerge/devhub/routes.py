@@ -45,7 +45,9 @@ from hubmerge.devhub.storage import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-THROTTLED_CHUNK = 1 << 16  # small writes keep a bandwidth-limited stream smooth
+THROTTLED_CHUNK = 1 << 16
+# Request bodies are held in memory (a commit carries its files base64-encoded): refuse larger ones with 413.
+MAX_BODY_BYTES = 2 << 30  # small writes keep a bandwidth-limited stream smooth
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -166,15 +168,30 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.hub.store
 
     def _read_body(self) -> bytes:
+        """The request body, read whole (commits carry files base64-encoded); one over ``MAX_BODY_BYTES`` is 413."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                if len(out) + size > MAX_BODY_BYTES:
+                    self._too_large()
                 out += self.rfile.read(size)
                 self.rfile.readline()
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                 pass
             return bytes(out)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        declared = self.headers.get("Content-Length") or "0"
+        if not declared.strip().isdigit():
+            self.close_connection = True  # the body's end is unknown: the connection cannot carry another request
+            raise bad_request(f"Content-Length {declared!r} is not a byte count.")
+        if int(declared) > MAX_BODY_BYTES:
+            self._too_large()
+        return self.rfile.read(int(declared))
+
+    def _too_large(self) -> None:
+        self.close_connection = True  # the body is not read: the connection cannot carry another request
+        raise HubHTTPError(
+            413, f"Request body too large: this dev Hub accepts at most {MAX_BODY_BYTES} bytes per request."
+        )
 
     def end_headers(self) -> None:
         self.headers_sent = True

@@ -151,16 +151,23 @@ class HubServer:
 
 
 def serve(
-    root: Path, host: str = "127.0.0.1", port: int = 7860, *, max_bandwidth: float | None = None, verbose: bool = True
+    root: Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    max_bandwidth: float | None = None,
+    verbose: bool = True,
+    tokens: set[str] | None = None,
 ) -> None:
-    """Run a hub server in the foreground until Ctrl-C (``hubmerge hub serve``)."""
+    """Run a hub server in the foreground until Ctrl-C (``hubmerge hub serve``); ``tokens``: the only ones accepted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op if already configured
-    server = HubServer(root, host, port, verbose=verbose, max_bandwidth=max_bandwidth)
+    server = HubServer(root, host, port, verbose=verbose, max_bandwidth=max_bandwidth, tokens=tokens)
     server.start()
     limit = f", at most {max_bandwidth / 1e6:g} MB/s" if max_bandwidth else ""
     where = f"{server.url} (LFS storage at {server.storage_url}{limit})"
     print(f"Serving a local Hub from {Path(root).resolve()} at {where}", flush=True)
-    print(f"Use it with: HF_ENDPOINT={server.url} (or endpoint=...) and any token. Ctrl-C stops.", flush=True)
+    which = f"one of the {len(tokens)} token(s) given" if tokens else "any token"
+    print(f"Use it with: HF_ENDPOINT={server.url} (or endpoint=...) and {which}. Ctrl-C stops.", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
