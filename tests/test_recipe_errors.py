@@ -187,3 +187,16 @@ def test_no_weights_in_folder(tmp_path, two):
 def test_every_shipped_recipe_parses(path):
     doc = load_recipe(path)
     assert doc.recipe.name and doc.raw["name"] == doc.recipe.name and doc.text == path.read_text()
+
+
+@pytest.mark.parametrize(
+    "weights", ["[1, .inf, 2, 4]", "[1, .nan, 2, 4]", "[1e308, 1e308, 1e308, 1e308]", "[0, 0, 0, 0]"]
+)
+def test_weights_that_cannot_be_normalised_are_refused_by_field(tmp_path, weights):
+    """Infinite, NaN, overflowing or all-zero shares would merge into an all-NaN or all-zero model: exit 2."""
+    paths = save_trajectory(tmp_path / "ckpts", 4)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out", method="weighted")
+    recipe.write_text(recipe.read_text() + f"weights: {weights}\n")
+    code, out = run_merge(recipe)
+    assert code == 2 and "field 'weights'" in out and "finite" in out, out
+    assert_nothing_written(tmp_path)
