@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from hubmerge.errors import HubError, SourceError, StreamError
-from hubmerge.hub.client import HubClient, RevisionFiles
+from hubmerge.hub.client import HubClient, RevisionFiles, is_transient
 from hubmerge.hub.pull import plan_pull
 from hubmerge.hub.revisions import Revision
 from hubmerge.io.checkpoint import (
@@ -113,19 +113,12 @@ class RangeClient:
         from huggingface_hub.utils import hf_raise_for_status
 
         url = self.resolve_url(repo, commit, name)
-        for attempt in range(self.client.tries):
-            try:
-                with self.client.errors(repo, revision, "stream"):
-                    response = self.session.head(
-                        url, headers=self.headers, follow_redirects=False, timeout=self.timeout
-                    )
-                    if response.status_code not in (301, 302, 303, 307, 308):
-                        hf_raise_for_status(response)
-                break
-            except HubError as e:
-                if not _transient(e.__cause__) or attempt == self.client.tries - 1:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+        with self.client.errors(repo, revision, "stream"):
+            response = self.client.retry(
+                self.session.head, url, headers=self.headers, follow_redirects=False, timeout=self.timeout
+            )
+            if response.status_code not in (301, 302, 303, 307, 308):
+                hf_raise_for_status(response)
         target = urljoin(url, response.headers["Location"]) if "Location" in response.headers else url
         headers = dict(self.headers)
         if _origin(target) != _origin(url):
@@ -149,7 +142,7 @@ class RangeClient:
             try:
                 outcome = self._get(f, url, {**headers, "Range": f"bytes={first}-{last}"}, first, last, into, filled)
             except Exception as e:  # noqa: BLE001 - sorted here: transient ones are resumed
-                if not _transient(e):
+                if not is_transient(e):
                     raise
                 outcome, error = "dropped", e
             if outcome == "expired":
@@ -218,13 +211,6 @@ class RangeClient:
                 into[got : got + n] = chunk
                 filled[0] = got + n
         return "done" if filled[0] == len(into) else "short"
-
-
-def _transient(err: BaseException | None) -> bool:
-    """A dropped connection, timeout or 5xx: worth resuming (an HTTP error status or a wrong answer is not)."""
-    import httpx2
-
-    return isinstance(err, httpx2.TransportError | ConnectionError | TimeoutError)
 
 
 def _timeout(connect: float, read: float) -> Any:
@@ -433,7 +419,6 @@ class StreamReader:
             if key not in self.hashes:
                 f = sources.files[s][info.file]
                 self.hashes[key] = _FileHash(f, hashlib.sha256(f.header))
-        self.bytes_fetched = sum(len(h.file.header) for h in self.hashes.values())
         self._next_job = 0
         self._next_fetch = 0
         self._results: dict[int, Any] = {}  # part -> its buffer, or the exception its fetch ended with
@@ -506,7 +491,6 @@ class StreamReader:
             with self._cond:
                 fh.hashed += 1
                 self._hashed.add(i)
-                self.bytes_fetched += self.parts[i].length
                 self._recycle(i)
                 if fh.done:
                     self._finish_file(key)
@@ -553,7 +537,7 @@ class StreamReader:
             part = self.parts[i]
             with self._cond:
                 while not isinstance(self._results.get(i), bytearray):
-                    self._raise_if_failed(i)
+                    self._raise_if_failed()
                     self._cond.wait(timeout=1.0)
                 buf = self._results[i]
             at = part.start - job_start
@@ -564,7 +548,7 @@ class StreamReader:
                 self._recycle(i)
                 self._cond.notify_all()
 
-    def _raise_if_failed(self, i: int) -> None:
+    def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
         if self._aborted:
@@ -574,7 +558,7 @@ class StreamReader:
         """Wait until every file is read and hashed (padding and tails too); raise if one did not verify."""
         with self._cond:
             while not all(fh.done for fh in self.hashes.values()):
-                self._raise_if_failed(-1)
+                self._raise_if_failed()
                 self._cond.wait(timeout=1.0)
             if self._error is not None:
                 raise self._error

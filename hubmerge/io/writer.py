@@ -41,6 +41,12 @@ def safetensors_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
     return len(raw).to_bytes(8, "little") + raw
 
 
+def refuse_incomplete(path: Path, written: int, expected: int) -> None:
+    """A shard whose size is not what its header says is refused (and the output discarded)."""
+    if written != expected:
+        raise OutputError(f"{path}: wrote {written} bytes, expected {expected}; output discarded", path=path)
+
+
 class ShardWriter:
     """Appends tensor bytes to a safetensors file whose header is already written, hashing as it goes."""
 
@@ -71,10 +77,7 @@ class ShardWriter:
             raise output_error(self.path, e) from e
         finally:
             self._file.close()
-        if self.written != self.expected:
-            raise OutputError(
-                f"{self.path}: wrote {self.written} bytes, expected {self.expected}; output discarded", path=self.path
-            )
+        refuse_incomplete(self.path, self.written, self.expected)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
@@ -131,10 +134,7 @@ class PositionalShard:
             raise output_error(self.path, e) from e
         finally:
             os.close(fd)
-        if self.written != self.expected:
-            raise OutputError(
-                f"{self.path}: wrote {self.written} bytes, expected {self.expected}; output discarded", path=self.path
-            )
+        refuse_incomplete(self.path, self.written, self.expected)
         return sha256_file(self.path)
 
     def abort(self) -> None:

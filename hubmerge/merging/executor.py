@@ -359,9 +359,10 @@ class _Shards:
     def __init__(self, p: Pass, folders: dict[str, Path], writer: _Writer) -> None:
         self.writer = writer
         self.positional = p.positional
-        self.current: dict[str, Path] = {}
+        self.current: dict[str, Path] = {}  # window -> its open shard (layout order)
+        self.all_open: list[Path] = []  # every shard of the pass (out of layout order)
         self.starts: dict[str, dict[str, tuple[Path, list[Any]]]] = {}
-        self.home: dict[str, dict[str, Path]] = {}  # window -> tensor -> its shard (positional passes)
+        self.home: dict[str, dict[str, Path]] = {}  # window -> tensor -> its shard (out of layout order)
         for w in p.windows:
             self.starts[w.name] = {
                 shard.tensors[0].name: (
@@ -370,14 +371,15 @@ class _Shards:
                 )
                 for shard in p.plans[w.name].shards
             }
-            self.home[w.name] = {
-                t.name: folders[w.name] / shard.file for shard in p.plans[w.name].shards for t in shard.tensors
-            }
+            if self.positional:
+                self.home[w.name] = {
+                    t.name: folders[w.name] / shard.file for shard in p.plans[w.name].shards for t in shard.tensors
+                }
         if self.positional:
-            for wname, starts in self.starts.items():
+            for starts in self.starts.values():
                 for path, entries in starts.values():
                     self.writer.todo.put(("open", path, entries, {"format": "pt"}))
-                    self.current[f"{wname}/{path.name}"] = path
+                    self.all_open.append(path)
 
     def begin_tensor(self, name: str) -> None:
         if self.positional:
@@ -398,9 +400,10 @@ class _Shards:
             self.writer.todo.put(("data", self.current[window], buf, nbytes))
 
     def close_all(self) -> None:
-        for path in self.current.values():
+        for path in [*self.current.values(), *self.all_open]:
             self.writer.todo.put(("close", path))
         self.current.clear()
+        self.all_open.clear()
 
 
 def _stream(

@@ -96,8 +96,7 @@ def plan_merge(
     if streamed:
         check_online(doc, client)
     resolved = resolve_hub_sources(hub.repo, hub.selector, hub.on_anomaly, client, download=False)
-    for d in resolved.provenance["integrity"]["dropped"]:
-        display.note(f"dropped {d['revision']}: {d['reason']}")
+    note_dropped(resolved, display)
     weights = kept_weights(doc, resolved.selected, resolved.kept)  # before any download: a bad share costs nothing
     if streamed:
         return plan_streamed(doc, resolved, client, device=device, force=force, weights=weights, display=display)
@@ -117,6 +116,12 @@ def stream_plan(tensors: list[TensorPlan], opened: OpenedStream) -> StreamPlan:
     return StreamPlan(
         order, streams.open_reader, streams.total_bytes, streams.file_count, streams.connections, streams.max_in_flight
     )
+
+
+def note_dropped(resolved: HubResolution, display: Display) -> None:
+    """Say on the console which revisions the integrity policy left out (``hubmerge.json`` records them too)."""
+    for d in resolved.provenance["integrity"]["dropped"]:
+        display.note(f"dropped {d['revision']}: {d['reason']}")
 
 
 def check_online(doc: RecipeDocument, client: HubClient) -> None:

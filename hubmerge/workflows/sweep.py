@@ -43,7 +43,7 @@ from hubmerge.results.keys import model_key, task_key
 from hubmerge.results.store import ResultsStore
 from hubmerge.stability.report import Comparison, compare
 from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
-from hubmerge.workflows.merge import check_online, stream_plan
+from hubmerge.workflows.merge import check_online, note_dropped, stream_plan
 from hubmerge.workflows.reports import write_outputs
 
 # Window sizes whose instability is within this factor of the lowest count as "the lowest".
@@ -138,8 +138,7 @@ def run_sweep_recipe(
         resolved = resolve_hub_sources(
             hub.repo, hub.selector, hub.on_anomaly, client, download=not streamed, display=display, all_sidecars=True
         )
-        for d in resolved.provenance["integrity"]["dropped"]:
-            display.note(f"dropped {d['revision']}: {d['reason']}")
+        note_dropped(resolved, display)
         if streamed:
             opened = open_stream(hub.repo, resolved.kept, client, connections=hub.connections, all_sidecars=True)
             sources = opened[0]
