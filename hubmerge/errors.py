@@ -74,6 +74,10 @@ class HubError(HubmergeError):
     exit_code = EXIT_HUB
 
 
+class CorruptSourceError(HubError):
+    """A cached Hub file whose bytes, hashed as the merge read them, are not the ones its LFS sha256 names."""
+
+
 class StreamError(HubError):
     """A source streamed from the Hub could not be read as planned: a range answered wrongly (HTTP 200, another
     ``Content-Range``) or a connection that kept dropping; ``fetch: cache`` is the fallback."""
@@ -81,6 +85,13 @@ class StreamError(HubError):
 
 class RevisionError(HubError):
     """A revision or selector does not match the repository's branches."""
+
+    exit_code = EXIT_USAGE
+
+
+class RepoIdError(HubError, ValueError):
+    """A repo id that is not ``owner/name`` in the Hub's characters (``../etc``, a space, a URL): a usage error,
+    refused before any request."""
 
     exit_code = EXIT_USAGE
 

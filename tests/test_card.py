@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import urllib.request
 import zlib
@@ -90,13 +91,20 @@ def test_card_round_trips_and_shows_the_merge(merged, tmp_path):
     assert data.license == "apache-2.0"  # from the newest source's README
     assert data.base_model is None  # local sources: no Hub repo to point at
     assert data.model_name == "test-merge"
+    # model-index names a dataset by its Hub id: only toy_pairs (hf:org/pairs:test) is one; toy_mc's local file
+    # is named in the body with its sha256 instead
     got = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
-    assert got == {("toy_mc", "acc_norm"): 0.75, ("toy_pairs", "acc"): 0.625}
-    assert all(r.task_type == "text-generation" and r.dataset_type == r.dataset_name for r in data.eval_results)
+    assert got == {("toy_pairs", "acc"): 0.625}
+    (result,) = data.eval_results
+    assert result.task_type == "text-generation" and result.dataset_type == "org/pairs"
+    assert result.dataset_split == "test"
 
     text = readme.read_text()
-    recipe_text = merged.recipe.read_text()
-    assert recipe_text in text  # verbatim, comment included
+    # the published recipe: the user's text with its local paths made relative (comment kept), output a new folder
+    recipe_text = merged.recipe.read_text().replace(str(merged.ckpts[0].parent), "../ckpts")
+    recipe_text = recipe_text.replace(str(merged.out), "out")
+    assert "# a comment the card keeps verbatim" in recipe_text and str(merged.out.parent) not in recipe_text
+    assert recipe_text in text
     assert (merged.out / "recipe.yaml").read_text() == recipe_text
     prov = json.loads((merged.out / "hubmerge.json").read_text())
     for label, src in zip(source_labels(prov), prov["sources"], strict=True):
@@ -137,7 +145,7 @@ def test_card_without_evidence_still_documents_the_merge(merged):
 # ------------------------------------------------------------------------------------------------ the store
 
 
-def make_task(name: str, kind: str, choices: list[list[str]], gold: list[int]):
+def make_task(name: str, kind: str, choices: list[list[str]], gold: list[int], source: str | None = None):
     """A duck-typed tasks.TaskData with what the store reads."""
     examples = []
     for doc_id, (ch, g) in enumerate(zip(choices, gold, strict=True)):
@@ -147,7 +155,10 @@ def make_task(name: str, kind: str, choices: list[list[str]], gold: list[int]):
         examples.append(SimpleNamespace(doc_id=doc_id, gold=g, choices=tuple(ch), requests=requests, text=None))
     digest = hashlib.sha256(json.dumps([name, choices, gold]).encode()).hexdigest()
     return SimpleNamespace(
-        spec=SimpleNamespace(name=name, kind=kind), examples=examples, data_hash=digest, source=f"{name}.jsonl"
+        spec=SimpleNamespace(name=name, kind=kind),
+        examples=examples,
+        data_hash=digest,
+        source=source or f"{name}.jsonl",
     )
 
 
@@ -207,7 +218,16 @@ def test_evidence_from_the_store_matches_hand_computed_values(merged, store):
     assert "MTV after" not in text and "No *after* column" in text
     stored = {s.task: s.acc for s in store.scores(models=[ev_key(merged.out)])}
     card = ModelCard.load(readme)
-    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == stored == {"toy_mc": 0.75}
+    assert stored == {"toy_mc": 0.75}
+    assert card.data.eval_results is None  # toy_mc.jsonl is not a Hub dataset: no model-index entry claims one
+    assert "data: the local file `toy_mc.jsonl`" in text and "not a Hub dataset" in text
+    # the score with its standard error: correct 1 1 1 0, sqrt(var(ddof=1) / n) = sqrt(0.25 / 4)
+    assert "| **merged (this model)** | 0.7500 ± 0.2500 |" in text
+    assert ev.stderr["toy_mc"]["merged"] == pytest.approx(0.25)
+    assert ev.stderr["toy_mc"]["step300"] == 0.0
+    lo, hi = ev.intervals["toy_mc"]["flip_before"]
+    assert lo <= s["flip_before"] <= hi
+    assert f"0.5000 [{lo:.4f}, {hi:.4f}]" in text
     check_files_match(merged.out)
 
 
@@ -224,7 +244,16 @@ def test_stability_after_along_an_averaged_series(merged, store):
     assert s["is_after"] == pytest.approx(0.25) and s["flip_after"] == pytest.approx(0.25)  # example 3
     assert ev.metric == {"toy_mc": "acc_norm"}
     text = build_card(merged.out, ev).text
-    assert "| toy_mc | acc_norm | 0.2500 | 0.2500 | 0.5000 | 0.2500 | 0.5000 | 0.2500 |" in text
+    bare = re.sub(r" \[[0-9.]+, [0-9.]+\]", "", text)  # the values without their bootstrap intervals
+    assert "| toy_mc | acc_norm | 0.2500 | 0.2500 | 0.5000 | 0.2500 | 0.5000 | 0.2500 |" in bare
+    assert set(ev.intervals["toy_mc"]) == {
+        "mtv_before",
+        "is_before",
+        "flip_before",
+        "mtv_after",
+        "is_after",
+        "flip_after",
+    }
     assert "2 windowed weight averages" in text
 
 
@@ -269,7 +298,9 @@ def test_card_of_a_hub_merge_validates_on_the_local_hub(tmp_path, hub, hub_api):
     prov = json.loads((out / "hubmerge.json").read_text())
 
     store = ResultsStore(tmp_path / "results")
-    tkey = store.register_task(make_task("toy_mc", "multiple_choice", [["a", "b"]] * 4, GOLD))
+    # a task whose data is a Hub dataset: model-index names it by its Hub id
+    task = make_task("toy_mc", "multiple_choice", [["a", "b"]] * 4, GOLD, source="hf:org/toy-mc:test")
+    tkey = store.register_task(task)
     for i, (s, name) in enumerate(zip(prov["sources"], ("step200", "step300"), strict=True)):
         # registered under the Hub names, with stand-in hashes: found by repo and commit, not by hashing
         key = store.register_model(

@@ -45,3 +45,32 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "10", "--save-every", "5"])
     assert res.exit_code == 4 and "not a hubmerge demo folder" in res.output
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_demo_writes_no_cache_outside_its_folder(tmp_path, monkeypatch):
+    """With HOME (and every cache variable) pointing at defaults under a fresh HOME, the demo writes nothing there;
+    the environment and the client's cache constants are given back afterwards."""
+    import os
+
+    from huggingface_hub import constants
+
+    from hubmerge.io.env import CACHE_VARIABLES
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for key in [*CACHE_VARIABLES, "HF_HUB_CACHE", "HF_HUB_OFFLINE"]:
+        monkeypatch.delenv(key, raising=False)
+    hf = home / ".cache" / "huggingface"  # what the client's constants would be, imported under this HOME
+    for name, value in {"HF_HOME": hf, "HF_HUB_CACHE": hf / "hub", "HF_XET_CACHE": hf / "xet"}.items():
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(hf / "assets"))
+    before = dict(os.environ)
+    res = CliRunner().invoke(
+        app, ["demo", "--out", str(tmp_path / "demo"), "--steps", "20", "--save-every", "10", "--window", "2", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
+    assert dict(os.environ) == before
+    given_back = {name: getattr(constants, name) for name in ("HF_HOME", "HF_HUB_CACHE", "HF_XET_CACHE")}
+    assert given_back == {"HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "HF_XET_CACHE": str(hf / "xet")}

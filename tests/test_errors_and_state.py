@@ -104,7 +104,7 @@ def test_a_device_torch_does_not_know_is_one_line(tmp_path):
     paths = save_trajectory(tmp_path / "ckpts", 2)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
     res = runner.invoke(app, ["merge", str(recipe), "-q", "--device", "tpu"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a bad option; exit 1 is kept for cuda asked for where there is none
     assert "--device tpu" in one_error_line(res.output)
     assert not (tmp_path / "out").exists()
 
@@ -188,3 +188,55 @@ def test_a_merge_records_the_recipe_it_read(tmp_path):
     outcome = merge_recipe(recipe)
     prov = json.loads((outcome.output / "hubmerge.json").read_text())
     assert prov["recipe_file"] == str(recipe) and prov["recipe"]["sources"][0]["path"] == str(paths[0])
+
+
+def tiny_disk(monkeypatch, free: int) -> None:
+    """Every disk reports ``free`` bytes free (``shutil.disk_usage`` is what the plan's free-space probe asks)."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+
+
+def test_a_merge_that_would_not_fit_on_its_disk_is_refused_before_reading(tmp_path, monkeypatch):
+    """The plan compares the output's bytes with the free space: exit 4 naming folder, need and free; nothing read."""
+    import hubmerge.merging.executor as executor
+    from hubmerge.io.writer import stale_partials
+
+    paths = save_trajectory(tmp_path / "ckpts", 2)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "new" / "out")
+    res = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "needed," in res.output and " free" in res.output
+
+    passes = []
+    monkeypatch.setattr(executor, "run_pass", lambda *a, **k: passes.append(a))
+    tiny_disk(monkeypatch, 1000)
+    res = runner.invoke(app, ["merge", str(recipe), "-q"])
+    assert res.exit_code == errors.EXIT_OUTPUT, res.output
+    line = one_error_line(res.output)
+    # the nearest existing folder above the output, the bytes it needs and the 1000 free
+    assert f"error: {tmp_path}: not enough free space" in line and "(1000 bytes) free" in line, line
+    assert passes == [] and not (tmp_path / "new").exists() and stale_partials(tmp_path) == []
+
+
+def test_free_space_check_is_a_plain_comparison(tmp_path):
+    from hubmerge.io.files import check_free_space
+
+    check_free_space(tmp_path, 100, 100)
+    with pytest.raises(OutputError, match=r"needs 101 B \(101 bytes\), 100 B \(100 bytes\) free"):
+        check_free_space(tmp_path, 101, 100)
+
+
+def test_a_sweep_is_refused_when_its_peak_disk_need_does_not_fit(tmp_path, monkeypatch):
+    """The peak is the largest pass when windows are deleted once handed over, every window when kept."""
+    from hubmerge.merging.sweep import plan_sweep
+
+    paths = save_trajectory(tmp_path / "ckpts", 4)
+    plan = plan_sweep(paths, [2], tmp_path / "sweep", max_windows_on_disk=1)
+    one, every = plan.new_disk_bytes(False), plan.new_disk_bytes(True)
+    assert 0 < one < every and plan.disk_free is not None
+    tiny_disk(monkeypatch, one)
+    assert plan_sweep(paths, [2], tmp_path / "sweep", max_windows_on_disk=1).disk_free == one
+    with pytest.raises(OutputError, match="not enough free space") as e:
+        plan_sweep(paths, [2], tmp_path / "sweep", max_windows_on_disk=1, keep=True)
+    assert e.value.exit_code == errors.EXIT_OUTPUT and not (tmp_path / "sweep").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -383,3 +384,45 @@ def test_hub_serve_command_serves_the_client(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
     assert (tmp_path / "store").is_dir()
+
+
+def _flip_bytes_keeping_mtime(path: Path, offset: int) -> None:
+    blob = path.resolve()
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    for i in range(offset, offset + 4):
+        data[i] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("where", ["tensor", "tail"])
+def test_a_cached_blob_with_flipped_bytes_is_refused_by_the_merge_that_reads_it(tmp_path, hub, trajectory, where):
+    """Same size, same mtime: only the bytes tell. The merge hashes each file as it reads it (exit 5, named)."""
+    recipe = write_hub_recipe(tmp_path / "r.yaml", tmp_path / "out", {"repo": REPO, "select": {"last": 2}})
+    assert invoke(hub, "merge", str(recipe), "--quiet").exit_code == 0
+    good = (tmp_path / "out" / "model.safetensors").read_bytes()
+    cached = next(p for p in Path(os.environ["HF_HUB_CACHE"]).rglob("snapshots/*/model.safetensors"))
+    size = cached.stat().st_size
+    _flip_bytes_keeping_mtime(cached, size // 2 if where == "tensor" else size - 4)
+    res = invoke(hub, "merge", str(recipe), "--quiet", "--force")
+    assert res.exit_code == 5, res.output
+    assert "model.safetensors" in res.output and "does not match the sha256" in res.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == good  # the old output is untouched
+    # `hubmerge pull` hashes every byte too (no size/mtime shortcut) and replaces the corrupt blob
+    assert invoke(hub, "pull", REPO, "--select", "{last: 2}", "-q").exit_code == 0
+    assert invoke(hub, "merge", str(recipe), "--quiet", "--force").exit_code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == good
+
+
+def test_a_cached_merge_is_bit_identical_to_a_local_one(tmp_path, hub, trajectory):
+    """Read in byte order so that it can be hashed in the same read, it still writes the layout a local merge does."""
+    recipe = write_hub_recipe(tmp_path / "r.yaml", tmp_path / "hub-out", {"repo": REPO, "select": {"last": 3}})
+    assert invoke(hub, "merge", str(recipe), "--quiet").exit_code == 0
+    local = write_recipe(
+        tmp_path / "l.yaml", [trajectory[n] for n in ("step3000", "step4000", "step5000")], tmp_path / "l"
+    )
+    assert runner.invoke(app, ["merge", str(local), "--quiet"]).exit_code == 0
+    assert (tmp_path / "hub-out" / "model.safetensors").read_bytes() == (
+        tmp_path / "l" / "model.safetensors"
+    ).read_bytes()

@@ -244,6 +244,76 @@ def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
     assert stale_partials(tmp_path) == []
 
 
+def test_rerun_removes_the_partial_of_a_merge_killed_with_sigkill(tmp_path):
+    """kill -9 leaves the hidden partial folder (with its writer's pid); rerunning the same target removes it."""
+    import signal
+    import time
+
+    paths = save_trajectory(tmp_path / "ckpts", 4)
+    recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
+    code = (
+        "import time, hubmerge.io.writer as w\n"
+        "orig = w.ShardWriter.write\n"
+        "def slow(self, data):\n"
+        "    time.sleep(0.2); orig(self, data)\n"
+        "w.ShardWriter.write = slow\n"
+        "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(recipe)], cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not stale_partials(tmp_path) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (left,) = stale_partials(tmp_path)
+    assert json.loads((left / ".hubmerge-writer.json").read_text())["pid"] == proc.pid
+
+    result = runner.invoke(app, ["merge", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert f"removed a partial output left by a killed run (pid {proc.pid}): {left}" in result.output
+    assert stale_partials(tmp_path) == []
+    assert not (tmp_path / "out" / ".hubmerge-writer.json").exists()
+    assert ".hubmerge-writer.json" not in json.loads((tmp_path / "out" / "hubmerge.json").read_text())["files"]
+    out, ref = load_state(tmp_path / "out"), reference(paths, source_weights("uniform", 4))
+    assert set(out) == set(ref)
+    assert_within_rounding(out, ref, torch.float16)
+
+
+def test_partials_of_a_live_writer_or_another_host_are_kept(tmp_path):
+    """Only a partial whose writer ran on this host and is gone is removed."""
+    import socket
+
+    from hubmerge.io.writer import WRITER_FILE, remove_dead_partials
+
+    target = tmp_path / "out"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        writers = {
+            "live": (live.pid, socket.gethostname()),
+            "other": (dead.pid, "some-other-host"),
+            "dead": (dead.pid, socket.gethostname()),
+        }
+        for key, (pid, host) in writers.items():
+            folder = tmp_path / f".out.{key}1234.hubmerge-partial"
+            folder.mkdir()
+            (folder / WRITER_FILE).write_text(json.dumps({"pid": pid, "host": host}))
+        (tmp_path / ".out.nowriter.hubmerge-partial").mkdir()  # an older hubmerge's: no record, kept
+        (tmp_path / ".out.x.deadbeef.hubmerge-partial").mkdir()  # another target's ("out.x")
+        removed = remove_dead_partials(target)
+        assert removed == [(tmp_path / ".out.dead1234.hubmerge-partial", dead.pid)]
+        assert {p.name for p in stale_partials(tmp_path)} == {
+            ".out.live1234.hubmerge-partial",
+            ".out.other1234.hubmerge-partial",
+            ".out.nowriter.hubmerge-partial",
+            ".out.x.deadbeef.hubmerge-partial",
+        }
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_device_path_accumulates_like_the_cpu_path(dtype):
     """The branch --device cuda takes (whole-chunk transfer and cast) gives the CPU path's float32 result.

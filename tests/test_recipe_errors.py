@@ -200,3 +200,47 @@ def test_weights_that_cannot_be_normalised_are_refused_by_field(tmp_path, weight
     code, out = run_merge(recipe)
     assert code == 2 and "field 'weights'" in out and "finite" in out, out
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("copy", ["same folder", "identical copy"])
+def test_the_same_weights_listed_twice_are_refused_or_dropped_by_on_anomaly(tmp_path, copy):
+    import shutil
+
+    folders = save_trajectory(tmp_path / "ckpts", 3)
+    twin = folders[1] if copy == "same folder" else tmp_path / "ckpts" / "twin"
+    if copy == "identical copy":
+        shutil.copytree(folders[1], twin)
+    sources = [folders[0], folders[1], twin, folders[2]]
+    code, out = run_merge(write_recipe(tmp_path / "r.yaml", sources, tmp_path / "out"))
+    assert code == 6, out
+    assert "sources.2.path" in out and "bit-identical to sources.1.path" in out and "drop_duplicates" in out
+    assert_nothing_written(tmp_path)
+    code, out = run_merge(write_recipe(tmp_path / "r.yaml", sources, tmp_path / "out", on_anomaly="drop_duplicates"))
+    assert code == 0, out
+    prov = json.loads((tmp_path / "out" / "hubmerge.json").read_text())
+    assert [s["path"].rsplit("/", 1)[-1] for s in prov["sources"]] == ["step100", "step200", "step300"]
+    assert prov["integrity"]["dropped"][0]["reason"].startswith("duplicate")
+    assert prov["weights"] == pytest.approx([1 / 3] * 3)
+
+
+def test_distinct_checkpoints_of_one_run_are_not_duplicates(tmp_path):
+    from hubmerge.io.checkpoint import identical_weights, open_checkpoint
+
+    folders = save_trajectory(tmp_path / "ckpts", 4)
+    assert identical_weights([open_checkpoint(f) for f in folders]) == {}
+
+
+def test_on_anomaly_of_a_hub_recipe_goes_under_sources(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "sources": {"repo": "a/b", "select": {"last": 2}},
+                "on_anomaly": "skip",
+                "output": {"path": "o"},
+            }
+        )
+    )
+    code, out = run_merge(path)
+    assert code == 2 and "sources.on_anomaly" in out

@@ -10,8 +10,10 @@ fast.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -22,8 +24,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from hubmerge.errors import EXIT_INTERRUPTED, HubmergeError, IntegrityError, RecipeError
+from hubmerge.errors import EXIT_INTERRUPTED, EXIT_USAGE, HubmergeError, IntegrityError, RecipeError
+from hubmerge.io.env import quiet_client_warnings
 from hubmerge.version import __version__
 
 if TYPE_CHECKING:
@@ -33,19 +37,58 @@ if TYPE_CHECKING:
     from hubmerge.merging.plan import MergePlan
     from hubmerge.merging.recipe import RecipeDocument
 
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_line(message: str) -> None:
+    """Print one ``error: ...`` line on stderr: the text verbatim (no markup), its line breaks folded."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+# click's base of every usage error, from typer's public BadParameter (typer 0.2x ships its own copy of click).
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: a usage error (unknown option, missing argument, bad value) is one ``error:`` line and
+    exit code 2, as every other error, rather than click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `hubmerge`, `hubmerge hub`: the help
+                print(ctx.get_help(), file=sys.stderr)
+                sys.exit(EXIT_USAGE)
+            where = ctx.command_path if ctx is not None else self.name
+            error_line(f"{where}: {e.format_message()} (see `{where} --help`)")
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            err.print("[red]interrupted[/red]", highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# rich_markup_mode=None: help texts are printed as written (`[a, b]` stays), and flags show no metavar.
 app = typer.Typer(
     name="hubmerge",
+    cls=OneLineErrors,
     help="Average or ensemble neighbouring pretraining checkpoints, and measure how much steadier they get.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-hub_app = typer.Typer(help="A local Hub-compatible server for tests, demos and offline work.", no_args_is_help=True)
+hub_app = typer.Typer(
+    help="A local Hub-compatible server for tests, demos and offline work.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(hub_app, name="hub")
-
-out = Console()
-err = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -72,10 +115,10 @@ def command(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _sigterm_interrupts():
+            with _sigterm_interrupts(), quiet_client_warnings():
                 return fn(*args, **kwargs)
         except HubmergeError as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: nothing was written to the output", highlight=False)
@@ -133,6 +176,13 @@ def _client(endpoint: str | None) -> HubClient:
     return HubClient(endpoint=endpoint)
 
 
+def _device(device: str) -> str:
+    """``--device``: cpu, cuda or cuda:N; anything else is a usage error before any work (no CUDA device: exit 1)."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return device
+    raise RecipeError(f"--device {device}: not a device hubmerge can use; use cpu, cuda or cuda:N")
+
+
 def _display(quiet: bool) -> Display:
     from hubmerge.io.progress import Display
 
@@ -158,6 +208,7 @@ def merge(
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.merge import finish_merge, plan_merge
 
+    device = _device(device)
     doc = load_recipe(recipe)
     client = _client(endpoint)
     streamed = _streamed(doc, stream)
@@ -328,6 +379,8 @@ def push(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
     message: Annotated[str | None, typer.Option(help="Commit message (default names the recipe).")] = None,
     endpoint: Endpoint = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Upload a merged folder to a Hub repo in one commit and print the commit URL."""
     from hubmerge.hub.push import push as run_push
@@ -335,7 +388,10 @@ def push(
     result = run_push(
         folder, repo, _client(endpoint), branch=branch, private=private, create_pr=create_pr, message=message
     )
-    out.print(result.pr_url or result.commit_url)
+    if as_json:
+        out.print_json(data=dataclasses.asdict(result))
+    elif not quiet:
+        out.print(result.pr_url or result.commit_url, highlight=False, soft_wrap=True)
 
 
 @hub_app.command("serve")
@@ -381,6 +437,13 @@ def eval_(
     ],
     select: Select = None,
     data: Annotated[Path | None, typer.Option(help="Local data for the task(s): a file or a folder.")] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="multiple_choice, minimal_pairs, cloze or perplexity: score --data as a task of this kind, named by "
+            "--tasks (a name of your own, or a built-in of that kind).",
+        ),
+    ] = None,
     lm_eval_include: Annotated[
         list[Path] | None,
         typer.Option(help="A folder of lm-eval task YAMLs for lm_eval:NAME tasks (lm-eval's --include_path)."),
@@ -408,9 +471,10 @@ def eval_(
     from hubmerge.results.store import ResultsStore
     from hubmerge.workflows.evaluate import eval_targets, evaluate
 
+    device = _device(device)
     client = _client(endpoint)
     resolved = eval_targets(targets, parse_selector(select) if select else None, client)
-    task_data = load_tasks(tasks, data=data, limit=limit, lm_eval_include=lm_eval_include or ())
+    task_data = load_tasks(tasks, data=data, limit=limit, lm_eval_include=lm_eval_include or (), kind=kind)
     if not (quiet or as_json):
         for note in (n for t in task_data for n in t.notes):
             err.print(f"[dim]{note}[/dim]", highlight=False)
@@ -437,24 +501,21 @@ def eval_(
         use_ray=use_ray,
         ray_address=ray_address,
     )
+    from hubmerge.cli.render import render_results, results_json
+
     if as_json:
-        keys = ("label", "task", "n", "probability", "majority", "probability_norm", "majority_norm", "member_labels")
-        out.print_json(
-            data={
-                "scored_requests": result.scored,
-                "scores": [s.__dict__ for s in result.scores],
-                "ensembles": [{k: e[k] for k in keys} for e in result.ensembles],
-            }
-        )
+        out.print_json(data=results_json(result))
         return
-    from hubmerge.cli.render import render_results
 
     render_results(result, out)
     out.print(f"scored {result.scored} requests this run; results in {store.path}")
 
 
 results_app = typer.Typer(
-    help="Show, export and import what the results store holds.", invoke_without_command=True, no_args_is_help=False
+    help="Show, export and import what the results store holds.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+    rich_markup_mode=None,
 )
 app.add_typer(results_app, name="results")
 

@@ -51,6 +51,8 @@ def render_plan(plan: MergePlan, console: Console) -> None:
     shards = ", ".join(f"{s.file} ({format_size(s.nbytes)})" for s in plan.shards)
     console.print(f"write:     {format_size(plan.bytes_written)} in {len(plan.shards)} shard(s): {shards}")
     console.print(f"copied:    {', '.join(plan.sidecar_files) or 'nothing'} (from the newest source)")
+    if plan.disk_free is not None:
+        console.print(f"disk:      {format_size(plan.disk_bytes)} needed, {format_size(plan.disk_free)} free")
     in_flight = f" + {format_size(plan.stream.in_flight_bytes)} in flight" if plan.stream else ""
     console.print(
         f"memory:    ~{format_size(plan.memory_estimate)} peak "
@@ -82,6 +84,7 @@ def render_sweep_plan(plan: SweepPlan, console: Console) -> None:
     console.print(
         f"disk:      {format_size(plan.disk_bytes(True))} if kept; {format_size(plan.disk_bytes(False))} at most "
         "if each window is deleted once handed over"
+        + (f"; {format_size(plan.disk_free)} free" if plan.disk_free is not None else "")
     )
     console.print(f"output:    {plan.root}")
 
@@ -146,6 +149,37 @@ def _choice_metrics(task: Any) -> list[str]:
     if task.spec.kind == "minimal_pairs":  # lm-eval reports acc only: the choices are whole sentences
         return ["acc"]
     return [m for m in ("acc", "acc_norm", "acc_mutual_info") if m in task.spec.metric_names] or ["acc"]
+
+
+SCORE_METRICS = (
+    "acc",
+    "acc_norm",
+    "acc_mutual_info",
+    "perplexity",
+    "word_perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
+
+
+def results_json(result: EvalResult) -> dict[str, Any]:
+    """``hubmerge eval --json``: every score and ensemble with exactly the metrics its task defines (BLiMP and
+    WinoGrande: ``acc`` only, as in lm-eval)."""
+    defined = {task_key(t.spec.name, t.data_hash): set(t.spec.metric_names) for t in result.plan.tasks}
+    scores = []
+    for s in result.scores:
+        metrics = defined.get(s.task_key)
+        row = dict(s.__dict__)
+        for m in SCORE_METRICS if metrics is not None else ():
+            if m not in metrics:
+                row.pop(m)
+        scores.append(row)
+    keys = ("label", "task", "n", "probability", "majority", "probability_norm", "majority_norm", "member_labels")
+    ensembles = []
+    for e in result.ensembles:
+        norm = "acc_norm" in defined.get(e["task_key"], {"acc_norm"})
+        ensembles.append({k: e[k] for k in keys if norm or not k.endswith("_norm")})
+    return {"scored_requests": result.scored, "scores": scores, "ensembles": ensembles}
 
 
 def render_results(result: EvalResult, console: Console) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hubmerge.devhub import HubServer
@@ -27,7 +28,7 @@ from hubmerge.errors import OutputError
 from hubmerge.evaluation.runner import EvalResult
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.revisions import Revision
-from hubmerge.io.env import isolated_hf_cache, torch_threads
+from hubmerge.io.env import isolated_caches, torch_threads
 from hubmerge.io.progress import Display
 
 MARKER = ".hubmerge-demo"
@@ -253,9 +254,10 @@ def run_demo(config: DemoConfig | None = None, stages: list[Stage] | None = None
     began = time.perf_counter()
     # The demo's models are tiny: per-op overhead dominates and a second thread only adds OpenMP spin-waits,
     # which on a busy 2-core machine made training 20x slower. One thread is fastest here. Its own HF cache keeps
-    # the user's untouched; both settings are given back when the demo ends.
+    # the user's untouched, and so do its other caches (xet, datasets, torch, matplotlib, ...: see isolated_caches);
+    # every setting is given back when the demo ends.
     try:
-        with torch_threads(1), isolated_hf_cache(config.out / "hf-cache"):
+        with torch_threads(1), isolated_caches(config.out):
             for i, (title, fn) in enumerate(stages, 1):
                 console.rule(f"[bold][{i}/{len(stages)}] {title}")
                 t0 = time.perf_counter()
@@ -265,14 +267,14 @@ def run_demo(config: DemoConfig | None = None, stages: list[Stage] | None = None
     finally:
         if ctx.hub is not None:
             ctx.hub.stop()
-    table = Table(title=f"hubmerge demo: done in {time.perf_counter() - began:.0f} s", title_justify="left")
-    table.add_column("what")
-    table.add_column("where")
-    for what, where in ctx.summary:
-        table.add_row(what, where)
-    console.print(table)
+    console.print(f"[bold]hubmerge demo: done in {time.perf_counter() - began:.0f} s[/bold]", highlight=False)
+    width = max((len(what) for what, _ in ctx.summary), default=0)
+    for what, where in ctx.summary:  # one line each, never wrapped or cut: these are paths to copy
+        console.print(f"{escape(what):<{width}}  {escape(where)}", soft_wrap=True, highlight=False)
     console.print(
-        f"Serve the demo Hub again with `hubmerge hub serve --root {config.out / 'hub'}` "
-        f"and browse it with the huggingface_hub client."
+        f"Serve the demo Hub again with `hubmerge hub serve --root {escape(str(config.out / 'hub'))}` "
+        f"and browse it with the huggingface_hub client.",
+        soft_wrap=True,
+        highlight=False,
     )
     return ctx

@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubmerge.errors import HubmergeError, MissingExtraError, RecipeError
-from hubmerge.evaluation.tasks.registry import expand_tasks, get_task_spec, known_tasks_hint, load_task
+from hubmerge.errors import MissingExtraError, RecipeError, SourceError
+from hubmerge.evaluation.tasks.registry import (
+    custom_task,
+    expand_tasks,
+    get_task_spec,
+    known_tasks_hint,
+    load_task,
+)
 from hubmerge.evaluation.tasks.specs import TaskData
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.pull import plan_pull, pull
 from hubmerge.hub.revisions import Selector, parse_revision, resolve_selection
 from hubmerge.io.checkpoint import SourceRef
+from hubmerge.io.env import kept_signal_handlers
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.results.keys import model_key, task_key, weight_hashes_of_folder
 from hubmerge.results.scores import windows
@@ -59,7 +66,7 @@ def target_from_folder(path: str | Path, label: str | None = None) -> EvalTarget
     """A local model folder (a merge's hubmerge.json already carries its hashes)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise HubmergeError(f"{path}: not a model folder (no config.json); give a folder or a Hub repo id", path=path)
+        raise SourceError(f"{path}: not a model folder (no config.json); give a folder or a Hub repo id", path=path)
     return EvalTarget(label or path.name, weight_hashes_of_folder(path), path=path.resolve())
 
 
@@ -142,8 +149,12 @@ def load_tasks(
     data: str | Path | Mapping[str, str] | None = None,
     limit: int | Mapping[str, int] | None = None,
     lm_eval_include: Sequence[str | Path] = (),
+    kind: str | None = None,
 ) -> list[TaskData]:
     """Load tasks by name, groups expanded to their paradigms; ``lm_eval:NAME`` is lm-evaluation-harness's task.
+
+    ``kind`` (``multiple_choice``, ``minimal_pairs``, ``cloze``, ``perplexity``) makes each name a task of that kind
+    reading ``data``, whatever the file is called (a built-in name must be of that kind).
 
     ``data`` is one file or folder for every task, or a mapping from the names given to their data; ``limit`` is
     one N for every task, or a mapping from the names given to N (a group's N applies to each of its paradigms).
@@ -167,6 +178,13 @@ def load_tasks(
                 out.setdefault(t.name, t)
             continue
         where = data.get(name) if isinstance(data, Mapping) else data
+        if kind is not None and not name.endswith((".yaml", ".yml")):
+            if where is None:
+                raise RecipeError(f"--tasks {name} --kind {kind}: give the task's data with --data FILE")
+            spec = custom_task(name, kind)
+            if not spec.is_group:
+                out.setdefault(spec.name, load_task(spec, data=where, limit=n))
+                continue
         for t in expand_tasks(name, data=where):
             if t not in out:
                 out[t] = load_task(t, data=where, limit=n)
@@ -181,7 +199,10 @@ def task_groups(names: Sequence[str], tasks: Sequence[TaskData]) -> dict[str, li
     for name in names:
         if name.endswith((".yaml", ".yml")) or name.startswith("lm_eval:"):
             continue
-        spec = get_task_spec(name)
+        try:
+            spec = get_task_spec(name)
+        except RecipeError:  # a task of the user's own (--kind): no group
+            continue
         if spec.is_group:
             groups[name] = [t for t in loaded if t.startswith(f"{name}_")]
     for t in tasks:
@@ -194,8 +215,12 @@ def plan_eval(
     targets: list[EvalTarget], tasks: list[TaskData], store: ResultsStore, ensemble: int | None = None
 ) -> EvalPlan:
     """What is left to score, given what the store holds (the same weights under any name count as done)."""
-    if ensemble is not None and not 1 <= ensemble <= len(targets):
-        raise HubmergeError(f"--ensemble {ensemble}: needs between 1 and {len(targets)} models (one per revision)")
+    longest = max((len(t) for t in trajectories(targets)), default=0)
+    if ensemble is not None and not 1 <= ensemble <= longest:
+        raise RecipeError(
+            f"--ensemble {ensemble}: needs between 1 and {longest} models of one trajectory (ensembles are formed "
+            "within one Hub repo's revisions, or within the local folders given, never across them)"
+        )
     todo: dict[tuple[str, str], list[int]] = {}
     with store:  # one connection for every (model, task) lookup
         for target in EvalPlan(targets, tasks, {}).unique_targets():
@@ -339,14 +364,24 @@ def run_eval(
     return result
 
 
+def trajectories(targets: Sequence[EvalTarget]) -> list[list[EvalTarget]]:
+    """The targets split into trajectories, each in the order given: one per Hub repo, and one of every local
+    folder together (the checkpoints a user lists by hand)."""
+    groups: dict[str | None, list[EvalTarget]] = {}
+    for t in targets:
+        groups.setdefault(t.repo, []).append(t)
+    return list(groups.values())
+
+
 def ensembles(plan: EvalPlan, store: ResultsStore) -> list[dict[str, Any]]:
-    """Each window of ``plan.ensemble`` consecutive models, on each multiple-choice or minimal-pairs task."""
+    """Each window of ``plan.ensemble`` consecutive models of one trajectory, on each multiple-choice or
+    minimal-pairs task; a trajectory shorter than the window gives none."""
     out = []
     k = plan.ensemble or 0
     for task in plan.tasks:
         if task.spec.kind not in ("multiple_choice", "minimal_pairs"):
             continue
-        for members in windows(plan.targets, k):
+        for members in (w for group in trajectories(plan.targets) if len(group) >= k for w in windows(group, k)):
             e = store.ensemble([m.key for m in members], _task_key(task))
             e["label"] = f"ensemble {members[0].label}..{members[-1].label}" if k > 1 else members[0].label
             e["member_labels"] = [m.label for m in members]
@@ -371,32 +406,47 @@ def _run_ray(
         raise MissingExtraError("--ray needs Ray, an optional extra: pip install 'hubmerge[ray]'") from e
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device.startswith("cuda") else 0
-        remote = ray.remote(num_gpus=gpus, max_retries=2)(ray_score)
-        futures = {}
-        for target in plan.unique_targets():
-            for task in plan.tasks:
-                docs = plan.todo.get((target.key, _task_key(task)))
-                if docs:
-                    ref = remote.remote(target, task, docs, batch_size, device, client)
-                    futures[ref] = (target, task)
-        scored = 0
-        with display.count("Ray tasks (model, task)", len(futures)) as bar:
-            pending = list(futures)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                target, task = futures[done[0]]
-                for batch in ray.get(done[0]):
-                    store_batch(store, target.key, _task_key(task), batch)
-                    scored += len(batch["keys"])
-                bar.advance(1)
-        return scored
-    finally:
+    with kept_signal_handlers():
         if started:
-            ray.shutdown()
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        try:
+            return _ray_tasks(plan, store, client, ray, batch_size=batch_size, device=device, display=display)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _ray_tasks(
+    plan: EvalPlan,
+    store: ResultsStore,
+    client: HubClient,
+    ray: Any,
+    *,
+    batch_size: int | None,
+    device: str,
+    display: Display,
+) -> int:
+    """Submit the (model, task) pairs with work left, and store each one's scores as it comes back."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device.startswith("cuda") else 0
+    remote = ray.remote(num_gpus=gpus, max_retries=2)(ray_score)
+    futures = {}
+    for target in plan.unique_targets():
+        for task in plan.tasks:
+            docs = plan.todo.get((target.key, _task_key(task)))
+            if docs:
+                ref = remote.remote(target, task, docs, batch_size, device, client)
+                futures[ref] = (target, task)
+    scored = 0
+    with display.count("Ray tasks (model, task)", len(futures)) as bar:
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            target, task = futures[done[0]]
+            for batch in ray.get(done[0]):
+                store_batch(store, target.key, _task_key(task), batch)
+                scored += len(batch["keys"])
+            bar.advance(1)
+    return scored
 
 
 def ray_score(

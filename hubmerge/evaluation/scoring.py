@@ -31,6 +31,8 @@ torch and transformers are imported inside functions: the CLI imports this modul
 from __future__ import annotations
 
 import inspect
+import pickle
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,14 +85,28 @@ def load_model(path_or_dir: str | Path, *, device: str = "cpu", dtype: str = "fl
         raise SourceError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     # transformers 5 renamed torch_dtype= to dtype=.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    from safetensors import SafetensorError
+
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        with no_transformers_bars():
+        with no_transformers_bars(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on a pickle's protocol; the error says more
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, **{dtype_kw: torch_dtype}
             )
-    except (OSError, ValueError) as err:
-        raise SourceError(f"{path}: cannot load the model or its tokenizer: {err}") from err
+    except pickle.UnpicklingError as err:
+        raise SourceError(
+            f"{path}: a PyTorch .bin weight file holds something other than tensors, and hubmerge reads pickles "
+            "only with torch.load(weights_only=True); convert it to safetensors from a trusted copy",
+            path=path,
+        ) from err
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        what = " ".join(str(err).split()) or type(err).__name__
+        raise SourceError(
+            f"{path}: cannot load the model or its tokenizer ({what}); check that its weight files are complete "
+            "(a truncated download: pull it again) and that it has tokenizer files",
+            path=path,
+        ) from err
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 

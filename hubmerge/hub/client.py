@@ -10,6 +10,7 @@ do. hubmerge never prints or stores the token.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hubmerge.errors import HubError, RevisionError
+from hubmerge.errors import HubError, RepoIdError, RevisionError
 from hubmerge.io.checkpoint import SIDECAR_FILES, weight_layout
 from hubmerge.io.env import hf_endpoint, hf_offline
 from hubmerge.version import __version__
@@ -45,7 +46,71 @@ def is_transient(err: BaseException) -> bool:
 
     if isinstance(err, HfHubHTTPError | OfflineModeIsEnabled):
         return False
-    return isinstance(err, HTTPError | ConnectionError | TimeoutError)
+    return isinstance(err, HTTPError | ConnectionError | TimeoutError) or is_closed_session(err)
+
+
+def is_closed_session(err: BaseException) -> bool:
+    """httpx's error for a request on a session another thread's connect error made the client close: the
+    next attempt gets the client's new session."""
+    return isinstance(err, RuntimeError) and "client has been closed" in str(err)
+
+
+def request_timeouts() -> dict[str, float]:
+    """The bounds every Hub request gets: connect ``HF_HUB_ETAG_TIMEOUT``, read/write/pool
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` (the client's own variables, 10 s each by default)."""
+    from huggingface_hub import constants
+
+    connect, read = float(constants.HF_HUB_ETAG_TIMEOUT), float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    return {"connect": connect, "read": read, "write": read, "pool": read}
+
+
+def _bound_request(request: Any) -> None:
+    """Fill in the timeouts a request was sent without.
+
+    The client's shared httpx session has no timeout, and most ``HfApi`` calls (``list_repo_refs``,
+    ``list_repo_tree``, commits) pass none: against a server that accepts the connection and then stalls they
+    wait forever. Timeouts a call did set (downloads, range reads) are kept.
+    """
+    given = request.extensions.get("timeout") or {}
+    bounds = request_timeouts()
+    request.extensions["timeout"] = {k: given.get(k) if given.get(k) is not None else v for k, v in bounds.items()}
+
+
+_bound_lock = threading.Lock()
+_bound_users = 0
+_bound_sessions: list[Any] = []
+
+
+def _hook_session() -> None:
+    """Put the timeout hook on the client's current session (it replaces the session after a connect error)."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    with _bound_lock:
+        if _bound_users and _bound_request not in session.event_hooks["request"]:
+            hooks = session.event_hooks
+            session.event_hooks = {**hooks, "request": [*hooks["request"], _bound_request]}
+            _bound_sessions.append(session)
+
+
+@contextmanager
+def bounded_requests() -> Iterator[None]:
+    """Give every request of the shared ``huggingface_hub`` session a timeout for a block, then take the hook
+    off again (nested and concurrent blocks share one hook; the last one out removes it)."""
+    global _bound_users
+    with _bound_lock:
+        _bound_users += 1
+    try:
+        _hook_session()
+        yield
+    finally:
+        with _bound_lock:
+            _bound_users -= 1
+            if _bound_users == 0:
+                for session in _bound_sessions:
+                    hooks = session.event_hooks
+                    session.event_hooks = {**hooks, "request": [h for h in hooks["request"] if h is not _bound_request]}
+                _bound_sessions.clear()
 
 
 def is_unreachable(err: HubError) -> bool:
@@ -103,7 +168,8 @@ class HubClient:
         at = f"{repo}@{revision}" if revision else repo
         where = {"repo": repo, "revision": revision}
         try:
-            yield
+            with bounded_requests():
+                yield
         except GatedRepoError as e:
             raise HubError(f"{repo} is gated: accept its conditions on its Hub page, then {LOGIN_HINT}", **where) from e
         except RepositoryNotFoundError as e:
@@ -130,9 +196,13 @@ class HubClient:
                 raise HubError(f"not authorised to {action} {at} (HTTP {status}): {LOGIN_HINT}", **where) from e
             raise HubError(f"could not {action} {at}: {first_line(e)}", **where) from e
         except HFValidationError as e:
-            raise HubError(f"{repo!r} is not a valid repo id ('owner/name'): {first_line(e)}", **where) from e
+            raise RepoIdError(f"{repo!r} is not a valid repo id ('owner/name'): {first_line(e)}", **where) from e
         except (HTTPError, OSError) as e:  # connection refused or dropped, DNS, timeouts
             raise HubError(f"could not reach the Hub to {action} {at}: {first_line(e)}", **where) from e
+        except RuntimeError as e:
+            if not is_closed_session(e):
+                raise
+            raise HubError(f"could not reach the Hub to {action} {at}: the connection kept failing", **where) from e
 
     def retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn``, retrying dropped connections and timeouts with exponential backoff.
@@ -142,6 +212,7 @@ class HubClient:
         """
         for attempt in range(self.tries):
             try:
+                _hook_session()
                 return fn(*args, **kwargs)
             except Exception as e:
                 if not is_transient(e) or attempt == self.tries - 1:

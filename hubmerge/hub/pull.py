@@ -9,7 +9,6 @@ the remote safetensors headers; after, every LFS file's sha256 is checked agains
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ from hubmerge.hub.client import HubClient, RemoteFile, RevisionFiles, revision_f
 from hubmerge.hub.integrity import IntegrityReport, analyse, apply_policy, check
 from hubmerge.hub.revisions import Revision, Selector, resolve_selection
 from hubmerge.io.checkpoint import SourceRef, read_weight_map
-from hubmerge.io.env import cache_dir
-from hubmerge.io.files import atomic_write, sha256_file, try_atomic_write
+from hubmerge.io.files import atomic_write, sha256_file
 from hubmerge.io.progress import QUIET, Display, Reporter
 from hubmerge.io.sizes import format_size
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 @dataclass
@@ -105,7 +105,26 @@ def check_remote_headers(plan: PullPlan, client: HubClient, *, workers: int = 8)
     return len(tables)
 
 
-def _bridge(reporter: Reporter) -> type:
+class FileShare:
+    """One file's share of a pull's byte bar: what the client reports for it, capped at its size, and topped up to
+    exactly its size once it is in place (a blob the cache already held under another revision streams nothing)."""
+
+    def __init__(self, reporter: Reporter, size: int) -> None:
+        self.reporter, self.size, self.counted = reporter, size, 0
+
+    def advance(self, n: float = 1) -> None:
+        n = max(-self.counted, min(int(n), self.size - self.counted))
+        self.counted += n
+        self.reporter.advance(n)
+
+    def reset(self) -> None:
+        self.advance(-self.counted)
+
+    def finish(self) -> None:
+        self.advance(self.size - self.counted)
+
+
+def _bridge(reporter: Reporter | FileShare) -> type:
     """A tqdm class that forwards the client's byte counts to our rich bar (one bar for all files)."""
     from tqdm.auto import tqdm
 
@@ -122,51 +141,45 @@ def _bridge(reporter: Reporter) -> type:
     return _Bar
 
 
-def _verified_cache() -> Path:
-    return cache_dir() / "verified-blobs.json"
+def _verify(path: Path, expected: str) -> bool:
+    """Whether the cached file's content has the sha256 the Hub lists: every byte hashed, every time (a size
+    and mtime are no evidence: a flipped byte with its mtime put back passed such a check)."""
+    return sha256_file(path.resolve()) == expected
 
 
-def _verify(path: Path, expected: str, known: dict[str, str]) -> bool:
-    """Whether the cached file's content has the sha256 the Hub lists; remembered per blob, size and mtime."""
-    blob = path.resolve()
-    st = blob.stat()
-    key = f"{blob}:{st.st_size}:{st.st_mtime_ns}"
-    if known.get(key) == expected:
-        return True
-    if sha256_file(blob) != expected:
-        return False
-    known[key] = expected
-    return True
+def download(
+    plan: PullPlan, client: HubClient, *, workers: int = 8, display: Display = QUIET, verify: bool = True
+) -> list[SourceRef]:
+    """Download (or find in the cache) every needed file; return each revision's snapshot folder.
 
-
-def download(plan: PullPlan, client: HubClient, *, workers: int = 8, display: Display = QUIET) -> list[SourceRef]:
-    """Download (or find in the cache) every needed file; return each revision's snapshot folder."""
+    ``verify``: hash every LFS file against the Hub's sha256 (re-downloading one that differs). A merge passes
+    False: its reader hashes each file in the same read that merges it, and refuses a mismatch."""
     from huggingface_hub import try_to_load_from_cache
 
+    from hubmerge.hub.partials import resume_partial
+
     todo = plan.downloads()
-    cache_file = _verified_cache()
-    try:
-        known: dict[str, str] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
     folders: dict[str, Path] = {}
     what = f"pulling {len(plan.revisions)} revision{'s' * (len(plan.revisions) != 1)} of {plan.repo}"
     with display.bytes(what, plan.total_bytes) as bar:
-        bar_class = _bridge(bar)
 
         def fetch(item: tuple[RevisionFiles, str]) -> None:
             rf, name = item
             remote = rf.files[name]
+            share = FileShare(bar, remote.size)
+            bar_class = _bridge(share)
             revision = rf.commit or rf.revision
             # A cached file streams nothing through the bar: count it when found, so the bar completes.
             cached = isinstance(try_to_load_from_cache(plan.repo, name, revision=revision), str)
+            if not cached and rf.commit and resume_partial(client, plan.repo, rf.revision, rf.commit, remote):
+                cached = True  # a dead pull's leftover, completed by range requests: counted as found
             for attempt in range(2):
                 local = client.download(
                     plan.repo, name, revision, label=rf.revision, tqdm_class=bar_class, force_download=attempt > 0
                 )
                 if cached and attempt == 0:
-                    bar.advance(remote.size)
-                if remote.sha256 is None or _verify(local, remote.sha256, known):
+                    share.finish()
+                if remote.sha256 is None or not verify or _verify(local, remote.sha256):
                     break
                 local.resolve().unlink(missing_ok=True)  # never keep or reuse a corrupt blob
                 local.unlink(missing_ok=True)
@@ -178,14 +191,14 @@ def download(plan: PullPlan, client: HubClient, *, workers: int = 8, display: Di
                         revision=rf.revision,
                         path=name,
                     )
-                bar.advance(-remote.size)
+                share.reset()
+            share.finish()
             folders[rf.revision] = local.parent if "/" not in name else local.parents[name.count("/")]
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
             list(ex.map(fetch, todo))
     for rf in plan.files:
         _record_ref(folders[rf.revision], rf.revision, rf.commit)
-    try_atomic_write(cache_file, json.dumps(known))  # the record only saves re-hashing next time
     return [
         SourceRef(
             folders[r.name],
@@ -222,7 +235,9 @@ def pull_offline(repo: str, revisions: Sequence[Revision], client: HubClient) ->
     for r in revisions:
         with client.errors(repo, r.name, "find in the cache"):
             folder = Path(snapshot_download(repo, revision=r.commit or r.name, local_files_only=True))
-        refs.append(SourceRef(folder, r.name, repo=repo, revision=r.name, commit=r.commit or folder.name))
+        listed = cached_revision_files(folder, r.name, r.commit or folder.name)
+        sha = {w: str(listed.files[w].sha256) for w in listed.weights if listed.files[w].sha256}
+        refs.append(SourceRef(folder, r.name, repo=repo, revision=r.name, commit=r.commit or folder.name, sha256=sha))
     return refs
 
 
@@ -234,10 +249,12 @@ def pull(
     workers: int = 8,
     display: Display = QUIET,
     all_sidecars: bool = False,
+    verify: bool = True,
 ) -> list[SourceRef]:
     """``hubmerge pull``: plan, check headers, download, verify; offline, resolve from the cache instead.
 
-    ``all_sidecars``: config and tokenizer of every revision, not only of the newest (a sweep's windows)."""
+    ``all_sidecars``: config and tokenizer of every revision, not only of the newest (a sweep's windows).
+    ``verify=False``: leave the sha256 check to the caller's reader (a merge hashes as it reads)."""
     if client.offline:
         return pull_offline(repo, revisions, client)
     plan = plan_pull(repo, revisions, client, workers=workers)
@@ -248,7 +265,7 @@ def pull(
         f"(already cached files are not downloaded again); tensor names and shapes agree across {checked} "
         "revisions' safetensors headers"
     )
-    return download(plan, client, workers=workers, display=display)
+    return download(plan, client, workers=workers, display=display, verify=verify)
 
 
 def cached_revision_files(folder: Path, revision: str, commit: str | None) -> RevisionFiles:
@@ -297,7 +314,14 @@ def resolve_hub_sources(
         mode = "online (tree listings with LFS sha256)"
     kept, dropped = apply_policy(selected, report, on_anomaly)  # type: ignore[arg-type]
     provenance = {
-        "integrity": {"policy": on_anomaly, "checked": mode, "selected": [r.name for r in selected], "dropped": dropped}
+        # where the sources came from (a card's commands need it when that is not huggingface.co)
+        "endpoint": (client.endpoint or DEFAULT_ENDPOINT).rstrip("/"),
+        "integrity": {
+            "policy": on_anomaly,
+            "checked": mode,
+            "selected": [r.name for r in selected],
+            "dropped": dropped,
+        },
     }
     resolution = HubResolution([], selected, kept, provenance)
     if download:
@@ -306,10 +330,16 @@ def resolve_hub_sources(
 
 
 def fetch_kept(
-    repo: str, resolution: HubResolution, client: HubClient, *, display: Display = QUIET, all_sidecars: bool = False
+    repo: str,
+    resolution: HubResolution,
+    client: HubClient,
+    *,
+    display: Display = QUIET,
+    all_sidecars: bool = False,
+    verify: bool = True,
 ) -> list[SourceRef]:
     """The local folders of the revisions a resolution kept: pulled, or found in the cache when offline."""
     if client.offline:
         by_name = {r.revision: r for r in pull_offline(repo, resolution.kept, client)}
         return [by_name[r.name] for r in resolution.kept]
-    return pull(repo, resolution.kept, client, display=display, all_sidecars=all_sidecars)
+    return pull(repo, resolution.kept, client, display=display, all_sidecars=all_sidecars, verify=verify)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import HubmergeError, SourceError
 from hubmerge.hub.client import HubClient
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.provenance import PROVENANCE_FILE, try_read_provenance
@@ -48,7 +48,7 @@ def push(
     """Create the repo (and branch) if needed and upload the folder in a single commit."""
     folder = Path(folder)
     if not (folder / PROVENANCE_FILE).is_file() and not (folder / "config.json").is_file():
-        raise HubmergeError(
+        raise SourceError(
             f"{folder}: not a model folder (no config.json or {PROVENANCE_FILE}); nothing pushed", path=folder
         )
     api = client.api

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hubmerge.errors import HubError, RecipeError, RevisionError
+from hubmerge.errors import HubError, RecipeError, RepoIdError, RevisionError
 from hubmerge.io.config import parse_yaml, validate
 
 if TYPE_CHECKING:
@@ -381,8 +381,26 @@ def select(revs: Iterable[Revision], selector: Selector, *, repo: str | None = N
 # The Hub, and display
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it as ``owner/name``; else a one-line usage error, before any request."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = str(e).split(":")[0].strip()
+        raise RepoIdError(
+            f"{repo_id!r} is not a valid repo id: give 'owner/name' (letters, digits, '-', '_', '.'), e.g. "
+            f"EleutherAI/pythia-160m ({reason})",
+            repo=repo_id,
+        ) from None
+    return repo_id
+
+
 def list_revisions(repo_id: str, client: HubClient) -> list[Revision]:
     """A repo's branches, parsed, in training order; offline (``HF_HUB_OFFLINE``), those the cache knows."""
+    check_repo_id(repo_id)
     if client.offline:
         return cached_revisions(repo_id)
     return sort_revisions(parse_revision(name, commit) for name, commit in client.branches(repo_id))

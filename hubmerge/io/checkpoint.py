@@ -17,13 +17,14 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hubmerge.errors import SourceError
+from hubmerge.errors import CorruptSourceError, SourceError
 
+HASH_BLOCK = 8 * 2**20  # bytes per read when hashing what no tensor read covers (headers, padding, tails)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -425,32 +426,72 @@ def _release_pages(address: int, length: int) -> None:
 
 
 class CheckpointReader:
-    """Reads byte ranges of a checkpoint's tensors into caller buffers; one per source, one thread."""
+    """Reads byte ranges of a checkpoint's tensors into caller buffers; one per source, one thread.
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    ``expected`` (file name -> sha256, a Hub source's LFS hashes) makes the reader hash each of those files in
+    the same read that serves the merge: read in byte order, every byte (header, padding, tensors nobody asked
+    for, tail) goes through the file's sha256 once, and :meth:`verify` compares the digests after the last
+    read. A file read out of byte order is hashed whole by :meth:`verify` instead (a second read of that file).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, expected: Mapping[str, str] | None = None) -> None:
+        import hashlib
+
         self.checkpoint = checkpoint
         self._fds: dict[str, int] = {}
         self._bin: dict[str, dict[str, Any]] = {}
+        self.expected = dict(expected or {})
+        self._hash = {f: hashlib.sha256() for f in self.expected}
+        self._pos = dict.fromkeys(self.expected, 0)  # bytes of each file hashed so far, from its start
+        self._unordered: set[str] = set()
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
+        return fd
+
+    def _hash_gap(self, file: str, end: int) -> None:
+        """Hash the bytes of ``file`` from where hashing stopped up to ``end`` (a header, padding, a skipped
+        tensor, the tail)."""
+        fd, pos, h = self._fd(file), self._pos[file], self._hash[file]
+        while pos < end:
+            block = os.pread(fd, min(HASH_BLOCK, end - pos), pos)
+            if not block:
+                raise SourceError(f"{self.checkpoint.path / file}: unexpected end of file", path=self.checkpoint.path)
+            h.update(block)
+            pos += len(block)
+        self._pos[file] = pos
 
     def read_into(self, info: TensorInfo, start: int, count: int, out: Any) -> None:
         """Copy elements ``[start, start+count)`` of tensor ``info`` into the uint8 torch tensor ``out``."""
         itemsize = ITEMSIZE[info.dtype]
         nbytes = count * itemsize
         if self.checkpoint.format == "safetensors":
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
+            fd = self._fd(info.file)
             view = memoryview(out.numpy())[:nbytes]
             got = 0
             offset = info.offset + start * itemsize
+            hashing = info.file in self._hash and info.file not in self._unordered
+            if hashing and offset < self._pos[info.file]:
+                self._unordered.add(info.file)  # read out of byte order: hashed whole by verify()
+                hashing = False
+            if hashing:
+                self._hash_gap(info.file, offset)
             while got < nbytes:
                 n = os.preadv(fd, [view[got:]], offset + got)
                 if n == 0:
                     raise SourceError(f"{self.checkpoint.path / info.file}: unexpected end of file in {info.name!r}")
                 got += n
+            if hashing:
+                self._hash[info.file].update(view)
+                self._pos[info.file] = offset + nbytes
             return
         state = self._bin.get(info.file)
         if state is None:
+            if info.file in self.expected:  # a zip-pickle is read by torch, not by us: hash it once first
+                self._check(info.file, _sha256_of(self.checkpoint.path / info.file))
+                self.expected.pop(info.file)
             state = self._bin[info.file] = _load_bin(self.checkpoint.path / info.file)
         tensor = state[info.name]
         flat = tensor.reshape(-1)[start : start + count]
@@ -458,8 +499,99 @@ class CheckpointReader:
         if tensor.is_contiguous():
             _release_pages(flat.data_ptr(), nbytes)
 
+    def verify(self) -> list[str]:
+        """After the last read: finish each expected file's hash and compare; the files hashed in a second read.
+
+        Raises :class:`CorruptSourceError` (exit 5) naming the file whose bytes are not the ones the Hub lists."""
+        reread = []
+        for file in self.expected:
+            path = self.checkpoint.path / file
+            if file in self._unordered:
+                reread.append(file)
+                digest = _sha256_of(path)
+            else:
+                self._hash_gap(file, os.stat(path).st_size)
+                digest = self._hash[file].hexdigest()
+            self._check(file, digest)
+        return reread
+
+    def _check(self, file: str, digest: str) -> None:
+        if digest != self.expected[file]:
+            path = self.checkpoint.path / file
+            raise CorruptSourceError(
+                f"{path.name} of {self.checkpoint.path.name} does not match the sha256 the Hub lists for it "
+                f"({digest[:12]}... is not {self.expected[file][:12]}...): the cached copy is corrupt; run "
+                "`hubmerge pull` again (it replaces corrupt files) and retry; nothing was written",
+                path=path,
+            )
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         self._bin.clear()
+
+
+def _sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def byte_order(tensors: Sequence[Any], newest: Checkpoint) -> list[Any]:
+    """Plan tensors in the byte order of the newest source's files (file by file, offset by offset): the order
+    that reads each file front to back, so it can be hashed in the same read (and streamed)."""
+    rank = {name: i for i, name in enumerate(newest.files)}
+    return sorted(tensors, key=lambda t: (rank[newest.tensors[t.name].file], newest.tensors[t.name].offset))
+
+
+SAMPLE_BYTES = 64 * 2**10
+
+
+def _samples(path: Path, size: int) -> bytes:
+    """The first, middle and last 64 KiB of a file: two checkpoints of one run differ in all three."""
+    out = bytearray()
+    with path.open("rb") as f:
+        for at in (0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)):
+            f.seek(at)
+            out += f.read(SAMPLE_BYTES)
+    return bytes(out)
+
+
+def identical_weights(checkpoints: Sequence[Checkpoint]) -> dict[int, int]:
+    """Sources whose weight files are bit-identical to an earlier source's: ``{later index: earlier index}``.
+
+    The same folder listed twice is found by its resolved path; two folders by their bytes. Only folders whose
+    weight files have the same names and sizes and agree on three 64 KiB samples per file are hashed in full,
+    so distinct checkpoints cost a few reads, and only a real duplicate costs a read of both.
+    """
+    found: dict[int, int] = {}
+    resolved = [ck.path.resolve() for ck in checkpoints]
+    sizes = [tuple((f, (ck.path / f).stat().st_size) for f in ck.files) for ck in checkpoints]
+    samples: dict[int, tuple[bytes, ...]] = {}
+    digests: dict[int, tuple[str, ...]] = {}
+
+    def sample(i: int) -> tuple[bytes, ...]:
+        if i not in samples:
+            samples[i] = tuple(_samples(checkpoints[i].path / f, n) for f, n in sizes[i])
+        return samples[i]
+
+    def digest(i: int) -> tuple[str, ...]:
+        if i not in digests:
+            digests[i] = tuple(_sha256_of(checkpoints[i].path / f) for f, _ in sizes[i])
+        return digests[i]
+
+    for j in range(len(checkpoints)):
+        for i in range(j):
+            if i in found:
+                continue
+            if resolved[i] == resolved[j] or (
+                sizes[i] == sizes[j] and sample(i) == sample(j) and digest(i) == digest(j)
+            ):
+                found[j] = i
+                break
+    return found

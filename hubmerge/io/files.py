@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from hubmerge.errors import OutputError
+from hubmerge.io.sizes import format_size
 
 HASH_BUFFER = 8 * 2**20
 
@@ -31,6 +33,24 @@ def output_error(path: Path, e: OSError, what: str = "output.path") -> OutputErr
     if e.errno == errno.ENOSPC:
         return OutputError(f"{path}: disk full; free space or choose another {what} (nothing was kept)", path=path)
     return OutputError(f"{path}: cannot write ({e.strerror})", path=path)
+
+
+def free_space(path: Path) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``path`` and the bytes free on its disk."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_free_space(folder: Path, needed: int, free: int, what: str = "output.path") -> None:
+    """Refuse (:class:`OutputError`, exit 4) an output of ``needed`` bytes on a disk with ``free`` bytes free."""
+    if needed > free:
+        raise OutputError(
+            f"{folder}: not enough free space: the output needs {format_size(needed)} ({needed} bytes), "
+            f"{format_size(free)} ({free} bytes) free; free space or choose another {what} (nothing was read)",
+            path=folder,
+        )
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

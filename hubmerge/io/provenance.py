@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hubmerge.errors import HubmergeError
+from hubmerge.errors import SourceError
 from hubmerge.io.files import atomic_write
 
 PROVENANCE_FILE = "hubmerge.json"
@@ -43,15 +43,15 @@ def read_provenance(folder: str | Path) -> dict[str, Any]:
     try:
         prov = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HubmergeError(
+        raise SourceError(
             f"{folder}: no {PROVENANCE_FILE}; this needs a folder written by `hubmerge merge` (merge first, or "
             "point at the merge's output folder)",
             path=path,
         ) from None
     except (OSError, ValueError) as e:
-        raise HubmergeError(f"{path}: not a readable {PROVENANCE_FILE} ({e})", path=path) from e
+        raise SourceError(f"{path}: not a readable {PROVENANCE_FILE} ({e})", path=path) from e
     if not isinstance(prov, dict) or not isinstance(prov.get("sources"), list) or not prov["sources"]:
-        raise HubmergeError(f"{path}: lists no sources; it was not written by `hubmerge merge`", path=path)
+        raise SourceError(f"{path}: lists no sources; it was not written by `hubmerge merge`", path=path)
     return prov
 
 

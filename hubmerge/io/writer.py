@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +27,8 @@ from hubmerge.io.files import output_error, sha256_file
 from hubmerge.io.provenance import PROVENANCE_FILE
 
 TEMP_SUFFIX = ".hubmerge-partial"
+# Inside a partial folder: the pid and hostname of the process writing it (see remove_dead_partials).
+WRITER_FILE = ".hubmerge-writer.json"
 # Bytes of each output shard between write-behind steps (see WriteBehindShard).
 WRITE_BEHIND_BYTES = 32 * 2**20
 
@@ -203,9 +207,12 @@ class OutputDir:
             check_replaceable(self.target)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(
-                tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=TEMP_SUFFIX, dir=self.target.parent)
-            )
+            # Made under another name and renamed, so that every ``*.hubmerge-partial`` records its writer.
+            prefix, parent = f".{self.target.name}.", self.target.parent
+            new = Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX + ".new", dir=parent))
+            (new / WRITER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            self.path = new.with_name(new.name.removesuffix(".new"))
+            new.rename(self.path)
         except OSError as e:
             raise output_error(self.target.parent, e) from e
         return self.path
@@ -225,6 +232,7 @@ class OutputDir:
             if old.exists():
                 shutil.rmtree(old)
             self.target.rename(old)
+        (self.path / WRITER_FILE).unlink(missing_ok=True)
         os.replace(self.path, self.target)
         self.path = None
         if old is not None:
@@ -264,3 +272,40 @@ def current_umask() -> int:
 def stale_partials(parent: Path) -> list[Path]:
     """Temporary folders left by merges that were killed (not merely interrupted) in ``parent``."""
     return sorted(p for p in parent.glob(f".*{TEMP_SUFFIX}") if p.is_dir())
+
+
+def partial_writer(partial: Path) -> tuple[int, str] | None:
+    """The ``(pid, hostname)`` a partial folder records for its writer; ``None`` when it records none."""
+    try:
+        raw = json.loads((partial / WRITER_FILE).read_text())
+        return int(raw["pid"]), str(raw["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_partials(target: Path) -> list[tuple[Path, int]]:
+    """Remove ``target``'s partial folders whose writer was on this host and is gone; ``(path, pid)`` of each.
+
+    A partial from another host, with a live writer, or recording no writer (an older hubmerge) is left alone.
+    """
+    if not target.parent.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*{TEMP_SUFFIX}"):
+        writer = partial_writer(p) if p.is_dir() and p.name[len(target.name) + 2 :].count(".") == 1 else None
+        if writer is None or writer[1] != host or writer[0] == os.getpid() or pid_alive(writer[0]):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append((p, writer[0]))
+    return sorted(removed)

@@ -23,23 +23,39 @@ the loop is memory-bound and on small machines a second compute thread only comp
 from __future__ import annotations
 
 import json
+import math
 import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hubmerge.errors import HubmergeError, SourceError
-from hubmerge.io.checkpoint import ITEMSIZE, Checkpoint, CheckpointReader, SourceRef, TensorInfo, torch_dtype
+from hubmerge.io.checkpoint import (
+    ITEMSIZE,
+    Checkpoint,
+    CheckpointReader,
+    SourceRef,
+    TensorInfo,
+    byte_order,
+    torch_dtype,
+)
 from hubmerge.io.env import torch_threads
 from hubmerge.io.files import sha256_file
 from hubmerge.io.progress import QUIET, Display, Reporter
 from hubmerge.io.provenance import write_provenance
-from hubmerge.io.writer import OutputDir, PositionalShard, ShardWriter, WriteBehindShard
+from hubmerge.io.writer import (
+    WRITER_FILE,
+    OutputDir,
+    PositionalShard,
+    ShardWriter,
+    WriteBehindShard,
+    remove_dead_partials,
+)
 from hubmerge.merging.plan import BLOCK_ELEMS, READ_BUFFERS, WRITE_BUFFERS, MergePlan, TensorPlan, provenance
 
 if TYPE_CHECKING:
@@ -72,6 +88,16 @@ class Window:
         return self.weights[t - self.start]
 
 
+def hashed_order(
+    tensors: Sequence[TensorPlan], sources: Sequence[SourceRef], checkpoints: Sequence[Checkpoint]
+) -> list[TensorPlan] | None:
+    """For sources read from the HF cache (their sha256s known): the newest source's byte order, so that every
+    file is read front to back and hashed in that same read; None (the output's layout order) otherwise."""
+    if not any(s.sha256 for s in sources):
+        return None
+    return byte_order(tensors, checkpoints[-1])
+
+
 def needed_sources(windows: Iterable[Window]) -> list[int]:
     """The sources a pass over ``windows`` reads, in order: the union of their spans."""
     return sorted({t for w in windows for t in range(w.start, w.end + 1)})
@@ -101,6 +127,7 @@ class Pass:
     # pass follows the sources' byte order, and its shards are then written by position.
     order: Sequence[TensorPlan] | None = None
     open_reader: ReaderFactory | None = None  # None: the sources are local folders
+    nonfinite: str = "refuse"  # NaN/Inf in a source, or a float16 cast that overflows: refuse | warn
 
     @property
     def processing_order(self) -> Sequence[TensorPlan]:
@@ -130,6 +157,7 @@ class WindowFiles:
     window: Window
     path: Path
     files: dict[str, str]
+    nonfinite: dict[str, Any] = field(default_factory=dict)  # policy, and what was found (hubmerge.json's record)
 
 
 @dataclass
@@ -162,16 +190,23 @@ ReaderFactory = Callable[[Sequence[Checkpoint], Sequence[Job]], SourceReader]
 
 
 class LocalReaders:
-    """The reader of local folders: one :class:`CheckpointReader` per source, reading in any order."""
+    """The reader of local folders: one :class:`CheckpointReader` per source, reading in any order.
 
-    def __init__(self, checkpoints: Sequence[Checkpoint]) -> None:
-        self.readers = [CheckpointReader(ck) for ck in checkpoints]
+    A source with known sha256s (a Hub revision in the HF cache) is hashed as it is read, and :meth:`finish`
+    refuses the pass if a file is not the one the Hub lists: nothing in the cache is trusted by size or mtime.
+    """
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], sources: Sequence[SourceRef] | None = None) -> None:
+        hashes = [s.sha256 for s in sources] if sources is not None else [None] * len(checkpoints)
+        self.readers = [CheckpointReader(ck, h) for ck, h in zip(checkpoints, hashes, strict=True)]
+        self.reread: list[str] = []  # files hashed in a second read (read out of byte order)
 
     def read_into(self, source: int, info: TensorInfo, start: int, count: int, out: Any) -> None:
         self.readers[source].read_into(info, start, count, out)
 
     def finish(self) -> None:
-        return None
+        for r in self.readers:
+            self.reread += [f"{r.checkpoint.path.name}/{f}" for f in r.verify()]
 
     def abort(self) -> None:
         return None
@@ -292,21 +327,27 @@ class _Writer(threading.Thread):
         return self.free.get()
 
 
-def accumulate_blocks(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> None:
+def accumulate_blocks(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> float:
     """For each ``(acc, weight, first)``: ``acc = w * src`` or ``acc += w * src``, in float32, block by block.
 
     The source is converted to float32 once per cache-sized block (into ``tmp``) and added to every
     target while the block is in cache: a merge has one target, a sweep one per open window. The
     operations, and so the rounding, are the same whatever the number of targets.
+
+    Returns the chunk's sum, taken from the same cache-resident blocks (about a tenth of the loop's time, where
+    ``isfinite`` would cost several times it): NaN or infinite exactly when the chunk holds a NaN or an Inf,
+    or (never for real weights) when finite values sum past float32's range; the caller then counts.
     """
     import torch
 
     count = src.numel()
     is_f32 = src.dtype == torch.float32
+    total = 0.0
     for b0 in range(0, count, block):
         b1 = min(count, b0 + block)
         # fp16/bf16 -> fp32 conversion runs vectorised into a cache-resident block
         x = src[b0:b1] if is_f32 else tmp[: b1 - b0].copy_(src[b0:b1])
+        total += float(x.sum())
         for acc, weight, first in targets:
             a = acc[b0:b1]
             if first:
@@ -314,9 +355,10 @@ def accumulate_blocks(src: torch.Tensor, targets: list[Target], tmp: torch.Tenso
                 a.mul_(weight)
             else:
                 a.add_(x, alpha=weight)
+    return total
 
 
-def accumulate_on_device(src: torch.Tensor, targets: list[Target]) -> None:
+def accumulate_on_device(src: torch.Tensor, targets: list[Target]) -> float:
     """The accelerator's form of :func:`accumulate_blocks`: the chunk is moved and converted once, then added to
     each target where it lives (``acc = w * x`` or ``acc += w * x``, the same float32 operations)."""
     import torch
@@ -327,14 +369,92 @@ def accumulate_on_device(src: torch.Tensor, targets: list[Target]) -> None:
             torch.mul(x, weight, out=acc)
         else:
             acc.add_(x, alpha=weight)
+    return float(x.sum())
 
 
-def accumulate(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> None:
-    """Add one source chunk to every target: cache-blocked on the CPU, whole-chunk on an accelerator."""
+def accumulate(src: torch.Tensor, targets: list[Target], tmp: torch.Tensor, block: int) -> float:
+    """Add one source chunk to every target: cache-blocked on the CPU, whole-chunk on an accelerator; the
+    chunk's float32 sum (see :func:`accumulate_blocks`)."""
     if targets and targets[0][0].device.type != "cpu":
-        accumulate_on_device(src, targets)
-    else:
-        accumulate_blocks(src, targets, tmp, block)
+        return accumulate_on_device(src, targets)
+    return accumulate_blocks(src, targets, tmp, block)
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """NaN and infinite values in ``x`` (the slow, exact count, run only when a cheap check flagged a chunk)."""
+    import torch
+
+    return int(x.numel() - torch.isfinite(x).sum())
+
+
+# The largest finite float16 (an output dtype narrower than its sources'); values past it are cast to inf.
+F16_MAX = 65504.0
+
+
+class NonFinite:
+    """Non-finite values a pass met, counted per (source, tensor) as sources are read, and per (window, tensor)
+    where a cast to a narrower output dtype overflowed. ``refuse`` raises when a tensor is done; ``warn`` lets
+    the pass finish and the counts go to each output's ``hubmerge.json`` and to the console."""
+
+    def __init__(self, policy: str, sources: Sequence[SourceRef]) -> None:
+        self.policy, self.sources = policy, sources
+        self.in_sources: dict[tuple[int, str], int] = {}
+        self.in_outputs: dict[tuple[str, str], int] = {}
+
+    def source(self, t: int, tensor: str, n: int) -> None:
+        self.in_sources[t, tensor] = self.in_sources.get((t, tensor), 0) + n
+
+    def output(self, window: str, tensor: str, n: int) -> None:
+        self.in_outputs[window, tensor] = self.in_outputs.get((window, tensor), 0) + n
+
+    def tensor_done(self, tensor: str) -> None:
+        if self.policy != "refuse":
+            return
+        for (t, name), n in self.in_sources.items():
+            if name == tensor:
+                raise SourceError(
+                    f"{self.sources[t].describe()}: tensor {name!r} holds {n} non-finite value{'s' * (n != 1)} "
+                    "(NaN or Inf), which averaging would spread into the output; drop this checkpoint, or set "
+                    "`nonfinite: warn` in the recipe to write the merge anyway (nothing was written)",
+                    path=self.sources[t].path,
+                    tensor=name,
+                )
+        for (window, name), n in self.in_outputs.items():
+            if name == tensor:
+                raise SourceError(
+                    f"{window}: tensor {name!r} has {n} averaged value{'s' * (n != 1)} past float16's range "
+                    f"(|x| > {F16_MAX:g}), which the cast would write as inf; use `dtype: bfloat16` or "
+                    "`dtype: float32` (or `nonfinite: warn`); nothing was written",
+                    tensor=name,
+                )
+
+    def record(self, window: Window) -> dict[str, Any]:
+        """What ``hubmerge.json`` says of one output: the policy and what was found in its sources and itself."""
+        return {
+            "policy": self.policy,
+            "sources": [
+                {"source": self.sources[t].label, "tensor": name, "count": n}
+                for (t, name), n in sorted(self.in_sources.items())
+                if window.contains(t)
+            ],
+            "output": [
+                {"tensor": name, "count": n} for (w, name), n in sorted(self.in_outputs.items()) if w == window.name
+            ],
+        }
+
+
+def nonfinite_lines(record: dict[str, Any]) -> list[str]:
+    """The console's account of what ``nonfinite: warn`` let through into one output."""
+    lines = [
+        f"source {f['source']}: tensor {f['tensor']!r} holds {f['count']} non-finite values, averaged in anyway "
+        "(nonfinite: warn)"
+        for f in record.get("sources", [])
+    ]
+    lines += [
+        f"tensor {f['tensor']!r}: {f['count']} values past float16's range were written as inf (nonfinite: warn)"
+        for f in record.get("output", [])
+    ]
+    return lines
 
 
 def read_jobs(
@@ -415,9 +535,16 @@ def _stream(
     tmp: torch.Tensor,
     bar: Reporter,
     describe: Callable[[int], str] | None,
+    checks: NonFinite,
 ) -> None:
     """The compute loop: tensors in order, chunks in order, each needed source once per chunk."""
     import torch
+
+    def narrows(w: Window, name: str, out_dtype: str) -> bool:
+        """A float16 output from a wider source dtype: the one cast that can overflow (an average of values
+        within a dtype's range stays within it)."""
+        span = range(w.start, w.end + 1)
+        return out_dtype == "F16" and any(p.checkpoints[t].tensors[name].dtype != "F16" for t in span)
 
     sources = needed_sources(p.windows)
     members = {t: [w for w in p.windows if w.contains(t)] for t in sources}
@@ -430,6 +557,7 @@ def _stream(
             count = min(chunk, tensor.numel - start)
             free, held = list(accs), {}
             prev: tuple[int, Any] | None = None
+            bad: set[int] = set()  # sources with non-finite values in this chunk
             for t in sources:
                 buf = reader.next()
                 info = p.checkpoints[t].tensors[tensor.name]
@@ -439,7 +567,11 @@ def _stream(
                         if w.start == t:
                             held[w.name] = free.pop()
                     targets = [(held[w.name][:count], w.weight_of(t), w.start == t) for w in members[t]]
-                    accumulate(buf[:nbytes].view(torch_dtype(info.dtype)), targets, tmp, p.block_elems)
+                    src = buf[:nbytes].view(torch_dtype(info.dtype))
+                    total = accumulate(src, targets, tmp, p.block_elems)
+                    if not math.isfinite(total) and (n := count_nonfinite(src)):
+                        checks.source(t, tensor.name, n)
+                        bad.add(t)
                     reader.free.put(buf)
                     for w in members[t]:
                         if w.end == t:
@@ -447,7 +579,16 @@ def _stream(
                             out_dtype = out_plans[w.name][tensor.name].out_dtype
                             out = writer.take()
                             out_nbytes = count * ITEMSIZE[out_dtype]
-                            out[:out_nbytes].view(torch_dtype(out_dtype)).copy_(acc[:count])
+                            result = out[:out_nbytes].view(torch_dtype(out_dtype))
+                            overflow = narrows(w, tensor.name, out_dtype) and not bad.intersection(
+                                range(w.start, w.end + 1)
+                            )
+                            if overflow:
+                                lo, hi = torch.aminmax(acc[:count])
+                                overflow = not (float(lo) >= -F16_MAX and float(hi) <= F16_MAX)  # NaN: True
+                            result.copy_(acc[:count])
+                            if overflow and (n := count_nonfinite(result)):
+                                checks.output(w.name, tensor.name, n)
                             shards.put(w.name, tensor.name, start * ITEMSIZE[out_dtype], out, out_nbytes)
                             free.append(acc)
                 else:
@@ -473,6 +614,7 @@ def _stream(
                 bar.advance(nbytes)
             if prev is not None:
                 reader.free.put(prev[1])
+        checks.tensor_done(tensor.name)
         if describe is not None:
             bar.update(description=describe(done))
     shards.close_all()
@@ -501,15 +643,17 @@ def _finish_sidecars(plan: MergePlan, folder: Path) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def finish_output(plan: MergePlan, folder: Path, shard_hashes: dict[str, str]) -> dict[str, str]:
+def finish_output(
+    plan: MergePlan, folder: Path, shard_hashes: dict[str, str], nonfinite: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Write the index, sidecar files and ``hubmerge.json`` next to finished shards; return every file's hash."""
     files = dict(shard_hashes)
     _write_index(plan, folder)
     _finish_sidecars(plan, folder)
     for p in sorted(folder.iterdir()):
-        if p.name not in files:
+        if p.name not in files and p.name != WRITER_FILE:  # the writer record goes before the commit
             files[p.name] = sha256_file(p)
-    write_provenance(folder, provenance(plan, files))
+    write_provenance(folder, provenance(plan, files, nonfinite))
     return files
 
 
@@ -528,12 +672,13 @@ def run_pass(
     read_buffers = [torch.empty(chunk * p.in_itemsize, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
     write_buffers = [torch.empty(chunk * p.out_itemsize, dtype=torch.uint8) for _ in range(p.write_buffers)]
     tmp = torch.empty(min(chunk, p.block_elems), dtype=torch.float32)
+    checks = NonFinite(p.nonfinite, p.sources)
     with ExitStack() as stack:
         dirs = {w.name: OutputDir(p.plans[w.name].output, force=p.force) for w in p.windows}
         folders = {name: stack.enter_context(d) for name, d in dirs.items()}
         jobs: Iterable[Job] = read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk)
         if p.open_reader is None:
-            source: SourceReader = LocalReaders(p.checkpoints)  # reads in any order: the jobs stay a generator
+            source: SourceReader = LocalReaders(p.checkpoints, p.sources)  # any order: the jobs stay a generator
         else:
             jobs = list(jobs)  # a stream schedules its range reads from the whole list
             source = p.open_reader(p.checkpoints, jobs)
@@ -543,7 +688,7 @@ def run_pass(
         reader.start()
         writer.start()
         try:
-            _stream(p, folders, reader, writer, accs, tmp, bar, describe)
+            _stream(p, folders, reader, writer, accs, tmp, bar, describe, checks)
             reader.check()  # every source verified before anything is committed
         finally:
             reader.stop.set()
@@ -556,9 +701,10 @@ def run_pass(
         for w in p.windows:
             plan, folder = p.plans[w.name], folders[w.name]
             hashes = {path.name: h for path, h in writer.hashes.items() if path.parent == folder}
-            files = finish_output(plan, folder, hashes)
+            record = checks.record(w)
+            files = finish_output(plan, folder, hashes, record)
             dirs[w.name].commit()
-            outputs.append(WindowFiles(w, plan.output, files))
+            outputs.append(WindowFiles(w, plan.output, files, record))
         return outputs, reader.bytes_read
 
 
@@ -575,6 +721,12 @@ def check_device(device: str) -> Any:
     if dev.type not in ("cpu", "cuda"):
         raise HubmergeError(f"--device {device}: hubmerge accumulates on cpu or cuda")
     return dev
+
+
+def note_dead_partials(removed: Iterable[tuple[Path, int]], display: Display) -> None:
+    """One line per partial output of a killed run that :func:`remove_dead_partials` removed."""
+    for path, pid in removed:
+        display.note(f"removed a partial output left by a killed run (pid {pid}): {path}")
 
 
 def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, threads: int = 1) -> MergeResult:
@@ -594,13 +746,17 @@ def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, t
         plan.chunk_elems,
         BLOCK_ELEMS,
         force=force,
-        order=plan.stream.order if plan.stream else None,
+        order=plan.stream.order if plan.stream else hashed_order(plan.tensors, plan.sources, plan.checkpoints),
         open_reader=plan.stream.open_reader if plan.stream else None,
+        nonfinite=plan.nonfinite,
     )
+    note_dead_partials(remove_dead_partials(plan.output), display)
     with torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32, device=device)]
         description = f"merging {n} checkpoints"
         total = len(plan.tensors)
         with display.bytes(description, plan.bytes_read) as bar:
             (done,), _ = run_pass(p, accs, bar, describe=lambda k: f"{description}: {k}/{total} tensors")
+    for line in nonfinite_lines(done.nonfinite):
+        display.note(f"warning: {line}")
     return MergeResult(plan.output, done.files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)

@@ -26,6 +26,7 @@ from hubmerge.io.checkpoint import (
     is_output_head,
     open_checkpoint,
 )
+from hubmerge.io.files import check_free_space, free_space
 from hubmerge.merging.methods import source_weights
 from hubmerge.merging.recipe import RecipeDocument
 from hubmerge.version import __version__
@@ -102,6 +103,14 @@ class MergePlan:
     device: str = "cpu"
     extra_provenance: dict[str, Any] = field(default_factory=dict)
     stream: StreamPlan | None = None  # fetch: stream: how the sources are read from the Hub
+    nonfinite: str = "refuse"  # a NaN/Inf in a source, or an overflowing cast: refuse (exit 3) | warn
+    disk_free: int | None = None  # bytes free where the output goes, once check_disk_space has looked
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the output takes on disk while it is built (its partial folder) and after: shards and copies."""
+        newest = self.checkpoints[-1].path
+        return self.bytes_written + sum((newest / f).stat().st_size for f in self.sidecar_files)
 
     @property
     def fetch(self) -> str:
@@ -158,6 +167,8 @@ class MergePlan:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "memory_estimate_bytes": self.memory_estimate,
+            "disk_bytes": self.disk_bytes,
+            "disk_free_bytes": self.disk_free,
             "device": self.device,
             "fetch": self.fetch,
             **({"stream": self.stream.to_dict()} if self.stream else {}),
@@ -280,11 +291,21 @@ def build_plan(
         recipe_file=doc.file,
         out_dtype=recipe.dtype,
         device=device,
+        nonfinite=recipe.nonfinite,
     )
 
 
-def provenance(plan: MergePlan, files: dict[str, str]) -> dict[str, Any]:
-    """What ``hubmerge.json`` records: enough to audit and reproduce the merge. No timestamps, no tokens."""
+def check_disk_space(plan: MergePlan) -> MergePlan:
+    """Refuse up front (exit 4) a merge whose output would not fit where it goes; record the free space seen."""
+    folder, plan.disk_free = free_space(plan.output.parent)
+    check_free_space(folder, plan.disk_bytes, plan.disk_free)
+    return plan
+
+
+def provenance(plan: MergePlan, files: dict[str, str], nonfinite: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``hubmerge.json`` records: enough to audit and reproduce the merge. No timestamps, no tokens.
+
+    ``nonfinite``: the policy and any NaN/Inf the executor counted (sources, overflowing casts)."""
     return {
         "hubmerge_version": __version__,
         "name": plan.name,
@@ -300,6 +321,7 @@ def provenance(plan: MergePlan, files: dict[str, str]) -> dict[str, Any]:
         "tensors": len(plan.tensors),
         "dropped_aliases": plan.dropped_aliases,
         **({"fetch": plan.fetch} if any(s.repo for s in plan.sources) else {}),
+        "nonfinite": nonfinite or {"policy": plan.nonfinite, "sources": [], "output": []},
         **plan.extra_provenance,
         "files": dict(sorted(files.items())),
     }

@@ -204,6 +204,12 @@ class Recipe(_Strict):
     weights: list[float] | None = None
     ema: EmaConfig | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    # NaN or Inf in a source, or a float16 cast that overflows: refuse (exit 3, naming source, tensor, count)
+    # or warn (write it, say so, and record the counts in hubmerge.json).
+    nonfinite: Literal["refuse", "warn"] = "refuse"
+    # Local folders: the same weights listed twice (a folder, or a copy of it) refuse | drop_duplicates | skip.
+    # Hub sources say it as sources.on_anomaly, beside the rest of their integrity check.
+    on_anomaly: Literal["refuse", "drop_duplicates", "skip"] = "refuse"
     output: OutputConfig
     evaluate: EvaluateConfig | None = None
     sweep: SweepConfig | None = None
@@ -220,6 +226,8 @@ class Recipe(_Strict):
     def _method_options(self) -> Recipe:
         if isinstance(self.sources, list) and not self.sources:
             raise ValueError("'sources' is empty: list at least one checkpoint folder")
+        if isinstance(self.sources, HubSources) and "on_anomaly" in self.model_fields_set:
+            raise ValueError("'on_anomaly' of a Hub recipe goes under 'sources' (sources.on_anomaly)")
         sweep_weights = self.sweep.weights if self.sweep is not None else None
         if self.method == "weighted" and self.sweep is not None:
             if self.weights is not None:

@@ -50,11 +50,19 @@ from typing import Any
 from hubmerge.errors import OutputError, RecipeError, SourceError
 from hubmerge.io.checkpoint import ITEMSIZE, Checkpoint, SourceRef, open_checkpoint
 from hubmerge.io.env import torch_threads
-from hubmerge.io.files import atomic_write, sha256_file
+from hubmerge.io.files import atomic_write, check_free_space, free_space, sha256_file
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.provenance import PROVENANCE_FILE, try_read_provenance
-from hubmerge.io.writer import TEMP_SUFFIX
-from hubmerge.merging.executor import Pass, Window, needed_sources, run_pass
+from hubmerge.io.writer import remove_dead_partials
+from hubmerge.merging.executor import (
+    Pass,
+    Window,
+    hashed_order,
+    needed_sources,
+    nonfinite_lines,
+    note_dead_partials,
+    run_pass,
+)
 from hubmerge.merging.methods import METHOD_NAMES
 from hubmerge.merging.plan import (
     PROCESS_BASELINE_BYTES,
@@ -115,6 +123,7 @@ class SweepPlan:
     max_windows_on_disk: int | None
     force: bool = False
     stream: StreamPlan | None = None  # fetch: stream: the sources' byte order and the reader of the Hub
+    disk_free: int | None = None  # bytes free where the windows go, as plan_sweep saw it
 
     @property
     def fetch(self) -> str:
@@ -152,6 +161,12 @@ class SweepPlan:
         plan = self.plans[window.name]
         newest = plan.checkpoints[-1].path
         return plan.bytes_written + sum((newest / f).stat().st_size for f in plan.sidecar_files)
+
+    def new_disk_bytes(self, keep: bool) -> int:
+        """Peak disk this run adds: the windows still to compute when kept, else its largest pass."""
+        if keep:
+            return sum(self.window_disk_bytes(w) for w in self.todo)
+        return max((sum(self.window_disk_bytes(w) for w in b) for b in self.batches), default=0)
 
     def disk_bytes(self, keep: bool) -> int:
         """Peak disk use of this run's outputs: every window when kept, else the largest pass."""
@@ -336,6 +351,8 @@ def plan_sweep(
     checkpoints: Sequence[Checkpoint] | None = None,
     stream: Callable[[list[TensorPlan]], StreamPlan] | None = None,
     copies: Iterable[int] = (),
+    nonfinite: str = "refuse",
+    keep: bool = False,
 ) -> SweepPlan:
     """Plan every window of a sweep over ``sources`` (oldest first); reads headers and finished outputs only.
 
@@ -349,6 +366,9 @@ def plan_sweep(
     makes the pass's :class:`StreamPlan` from the plan's tensors. ``copies``: sources to write as exact size-1
     copies (``w1-LABEL``, weight 1, their own dtype) in the same pass, so that raw checkpoints that were never
     downloaded can be scored; they are always deleted once handed over.
+
+    A sweep whose peak disk need (with ``keep``, every window still to compute; else its largest pass, the windows
+    on disk at once) exceeds the free space where ``output`` goes is refused here (exit 4), before any tensor is read.
     """
     refs = [_as_source(s) for s in sources]
     if len(refs) < 2:
@@ -413,6 +433,7 @@ def plan_sweep(
                 },
             }
         )
+        plan.nonfinite = nonfinite
         plans[wname] = plan
         windows.append(Window(start, size, wname, tuple(plan.weights)))
     if not windows:
@@ -429,7 +450,7 @@ def plan_sweep(
     status = {w.name: "todo" if w.size == 1 else _window_status(plans[w.name], force, verify) for w in windows}
     todo = [w for w in windows if status[w.name] == "todo"]
     tensors = plans[windows[0].name].tensors
-    return SweepPlan(
+    splan = SweepPlan(
         name=name,
         sources=refs,
         checkpoints=checkpoints,
@@ -447,6 +468,9 @@ def plan_sweep(
         force=force,
         stream=stream(tensors) if stream is not None else None,
     )
+    folder, splan.disk_free = free_space(root)
+    check_free_space(folder, splan.new_disk_bytes(keep), splan.disk_free)
+    return splan
 
 
 def _window_plan(
@@ -492,8 +516,9 @@ def _pass(plan: SweepPlan, batch: list[Window]) -> Pass:
         write_behind=True,
         # a copy (w1-*) can be left committed by a run killed before handing it over; it is always rebuilt
         force=plan.force or any(w.size == 1 for w in batch),
-        order=plan.stream.order if plan.stream else None,
+        order=plan.stream.order if plan.stream else hashed_order(plan.tensors, plan.sources, plan.checkpoints),
         open_reader=plan.stream.open_reader if plan.stream else None,
+        nonfinite=plan.plans[batch[0].name].nonfinite,
     )
 
 
@@ -516,16 +541,10 @@ def _hand_over(
         shutil.rmtree(out.path)
 
 
-def _remove_stale_partials(plan: SweepPlan) -> None:
+def _remove_stale_partials(plan: SweepPlan, display: Display) -> None:
     """Hidden temporary folders of this sweep's windows left by a killed run (not merely interrupted)."""
-    if not plan.root.is_dir():
-        return
-    names = {w.name for w in plan.todo}
-    pattern = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
-    for p in plan.root.iterdir():
-        m = pattern.match(p.name)
-        if m and m.group("name") in names and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    for w in plan.todo:
+        note_dead_partials(remove_dead_partials(plan.plans[w.name].output), display)
 
 
 def run_sweep(
@@ -548,7 +567,7 @@ def run_sweep(
 
     began = time.perf_counter()
     result = SweepResult()
-    _remove_stale_partials(plan)
+    _remove_stale_partials(plan, display)
     for w in plan.windows:
         if plan.status[w.name] == "deleted":
             result.skipped.append(w.name)
@@ -574,6 +593,8 @@ def run_sweep(
                 result.passes += 1
                 result.bytes_read += nread
                 for done in committed:
+                    for line in nonfinite_lines(done.nonfinite):
+                        display.note(f"warning: {done.window.name}: {line}")
                     done.path.with_name(done.path.name + DELETED_SUFFIX).unlink(missing_ok=True)
                     out = WindowOutput(done.window, done.path, plan.plans[done.window.name], done.files, computed=True)
                     result.bytes_written += out.plan.bytes_written

@@ -1157,6 +1157,8 @@ class ResultsStore:
         for (model_id, task_id), entry in found.items():
             mkey, label, step = meta_m[model_id]
             name, tkey, kind, n_examples = meta_t[task_id]
+            if kind == "minimal_pairs":  # lm-eval defines acc only; a length-normalised pair score is no metric of it
+                entry.pop("acc_norm", None)
             out.append(Score(mkey, label, step, name, tkey, kind, n_examples=n_examples, **entry))
         out.sort(key=lambda s: (s.task, s.task_key, s.step is None, s.step or 0, s.model))
         return out

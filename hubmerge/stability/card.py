@@ -47,7 +47,16 @@ from hubmerge.io.files import atomic_write, sha256_file
 from hubmerge.io.provenance import PROVENANCE_FILE, read_provenance, write_provenance
 from hubmerge.results.keys import model_key, weight_hashes_of_folder
 from hubmerge.results.store import ResultsStore
-from hubmerge.stability.metrics import flip_rate, instability_score, mean_total_variation
+from hubmerge.stability.metrics import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    flip_rate,
+    instability_score,
+    mean_stderr,
+    mean_total_variation,
+    series_intervals,
+)
 from hubmerge.stability.plots import plot_scores
 from hubmerge.stability.report import StabilityReport
 from hubmerge.stability.series import choice_series
@@ -91,7 +100,9 @@ class CardEvidence:
     ``scores[task]`` maps ``"merged"`` and each source's label (:func:`source_labels`) to the score shown, which is
     ``metric[task]`` (``acc`` when absent). ``stability[task]`` holds any of :data:`STABILITY_COLUMNS` (None or NaN
     where undefined); ``after_description`` says what the "after" series was. ``plot`` is an image copied into the
-    folder as ``stability.<ext>``; ``task_sources`` says where each task's data came from.
+    folder as ``stability.<ext>``; ``task_sources`` says where each task's data came from. ``stderr`` holds each
+    score's standard error over examples (lm-eval's ``acc_stderr``), ``intervals`` the 95% bootstrap interval of
+    each instability figure, ``groups`` the task groups whose pooled rows lead the tables (members below).
     """
 
     scores: dict[str, dict[str, float]]
@@ -102,6 +113,9 @@ class CardEvidence:
     n_examples: dict[str, int] | None = None
     task_sources: dict[str, str] | None = None
     after_description: str | None = None
+    stderr: dict[str, dict[str, float]] | None = None  # task -> label -> standard error over examples
+    intervals: dict[str, dict[str, tuple[float, float]]] | None = None  # task -> stability key -> 95% bootstrap
+    groups: dict[str, list[str]] | None = None  # group -> its member tasks; a group's row pools their examples
 
 
 @dataclass(frozen=True)
@@ -141,17 +155,96 @@ def redact(text: str) -> str:
 
 
 def _display_path(path: str, folder: Path) -> str:
-    """A local source as the reader of the repo can place it: relative to the card when it is a neighbour."""
-    p = Path(path)
+    """A local path as the card publishes it: relative to the folder when it is a neighbour (under the folder's
+    parent), else its name alone. A relative path is read relative to the folder, so publishing is a fixed point."""
+    base = folder.resolve()
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else base / p
+    p = Path(os.path.normpath(p))
     try:
-        p.relative_to(folder.resolve().parent)
-        return os.path.relpath(p, folder.resolve())
+        p.relative_to(base.parent)
+        return os.path.relpath(p, base)
     except ValueError:
-        return redact(str(p))
+        return p.name
 
 
-def _recipe_text(prov: Mapping[str, Any], text: str | None = None) -> str:
-    """The recipe as the user wrote it, if it says what the merge recorded; else the recorded mapping as YAML.
+def _local(path: str, folder: Path) -> Path:
+    """Where a path recorded in ``hubmerge.json`` is on this machine (a published one is relative to the folder)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else folder.resolve() / p
+
+
+def published_recipe(
+    recorded: Mapping[str, Any], folder: Path, data_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The recipe as the card publishes it: runnable from a clone of the repo, with no local path in it.
+
+    Local sources are written as :func:`_display_path` does; ``output.path`` becomes the output folder's name (a
+    new folder beside the clone's files) and ``output.push`` is left out (rerunning it must not push to the repo
+    it came from); ``evaluate.data`` names the copy of the data shipped with the card (``data_names``: local
+    path -> file name) and ``evaluate.results`` is left to its default.
+    """
+    import copy
+
+    out = copy.deepcopy(dict(recorded))
+    sources = out.get("sources")
+    if isinstance(sources, list):
+        for src in sources:
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                src["path"] = _display_path(src["path"], folder)
+    output = out.get("output")
+    if isinstance(output, dict):
+        if isinstance(output.get("path"), str):
+            output["path"] = Path(output["path"]).name or folder.name
+        output.pop("push", None)
+    ev = out.get("evaluate")
+    if isinstance(ev, dict):
+        ev.pop("results", None)
+        data = ev.get("data")
+        names = data_names or {}
+
+        def one(d: Any) -> Any:
+            if not isinstance(d, str):
+                return d
+            return names.get(str(_local(d, Path.cwd()).resolve()), Path(d).name)
+
+        if isinstance(data, dict):
+            ev["data"] = {k: one(v) for k, v in data.items()}
+        elif data is not None:
+            ev["data"] = one(data)
+        if isinstance(ev.get("include"), list):
+            ev["include"] = [Path(str(i)).name for i in ev["include"]]
+        elif isinstance(ev.get("include"), str):
+            ev["include"] = Path(ev["include"]).name
+    return out
+
+
+def publishable_provenance(
+    prov: Mapping[str, Any], folder: Path, data_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``hubmerge.json`` as it is published with the card: no local path. A Hub source keeps its repo, revision,
+    commit and hashes (its path was the HF cache's copy), a local one a relative or bare path, the recipe is
+    :func:`published_recipe` and ``recipe_file`` is the card's own ``recipe.yaml``."""
+    out = dict(prov)
+    sources = []
+    for s in prov["sources"]:
+        s = dict(s)
+        if s.get("repo"):
+            s.pop("path", None)
+        elif isinstance(s.get("path"), str):
+            s["path"] = _display_path(s["path"], folder)
+        sources.append(s)
+    out["sources"] = sources
+    out["recipe"] = published_recipe(prov.get("recipe") or {}, folder, data_names)
+    out["recipe_file"] = RECIPE
+    return out
+
+
+def _recipe_text(
+    prov: Mapping[str, Any], folder: Path, text: str | None = None, data_names: Mapping[str, str] | None = None
+) -> str:
+    """The published recipe (:func:`published_recipe`) in the user's own words where it can be: the recipe file
+    with its changed values rewritten in place (comments kept), else the published mapping as YAML.
 
     ``text`` is the recipe file's content as the merge read it; without it the file named in ``hubmerge.json``
     is read (``hubmerge card`` long after the merge), and used only if it still parses to what was recorded.
@@ -160,18 +253,43 @@ def _recipe_text(prov: Mapping[str, Any], text: str | None = None) -> str:
 
     recorded = prov.get("recipe") or {}
     where = prov.get("recipe_file")
+    published = published_recipe(recorded, folder, data_names)
     if text is None and where:
         try:
-            text = Path(where).expanduser().read_text(encoding="utf-8")
+            text = _local(where, folder).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             text = None
     if text is not None:
         try:
             if yaml.safe_load(text) == recorded:
+                text = _rewrite_values(text, recorded, published)
+            if yaml.safe_load(text) == published:
                 return redact(text if text.endswith("\n") else text + "\n")
         except yaml.YAMLError:
             pass
-    return redact(yaml.safe_dump(recorded, sort_keys=False, allow_unicode=True))
+    return redact(yaml.safe_dump(published, sort_keys=False, allow_unicode=True))
+
+
+def _rewrite_values(text: str, before: Any, after: Any) -> str:
+    """The recipe's text with each string value that publishing changed replaced where it is written, so comments
+    survive; the caller checks that the result still parses to the published recipe."""
+    pairs: list[tuple[str, str]] = []
+
+    def walk(a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                if k in b:
+                    walk(a[k], b[k])
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for x, y in zip(a, b, strict=True):
+                walk(x, y)
+        elif isinstance(a, str) and isinstance(b, str) and a != b:
+            pairs.append((a, b))
+
+    walk(before, after)
+    for a, b in sorted(set(pairs), key=lambda p: -len(p[0])):
+        text = text.replace(a, b)
+    return text
 
 
 def _front_matter(path: Path) -> dict[str, Any]:
@@ -184,13 +302,16 @@ def _front_matter(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def source_license(prov: Mapping[str, Any]) -> dict[str, str]:
+def source_license(prov: Mapping[str, Any], folder: Path | None = None) -> dict[str, str]:
     """``license`` (and ``license_name``/``license_link`` for ``other``) of the newest source, if it says one.
 
     Read from its README.md front matter, else from its config.json; empty when neither is on disk (``hubmerge
-    pull`` fetches weights and configs, not cards: pass ``license=`` for Hub sources).
+    pull`` fetches weights and configs, not cards: the workflow asks the Hub for a Hub source's card data).
     """
-    newest = Path(prov["sources"][-1].get("path") or "")
+    where = prov["sources"][-1].get("path")
+    if not where:
+        return {}
+    newest = _local(where, folder) if folder is not None else Path(where)
     meta = _front_matter(newest / README) if (newest / README).is_file() else {}
     if not isinstance(meta.get("license"), str):
         try:
@@ -221,13 +342,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
+LICENSE_UNKNOWN = {"license": "other"}
+LICENSE_NOTE = (
+    "The sources' license was not found (neither their model card on the Hub nor the files on disk state one), "
+    "so the metadata says `license: other`: check the source repository's terms before reusing these weights."
+)
+
+
 def _describe_source(s: Mapping[str, Any], folder: Path) -> str:
     if s.get("repo"):
         return f"{s['repo']}@{s.get('revision') or '?'}"
     return _display_path(s["path"], folder)
 
 
-def _merged_section(prov: Mapping[str, Any], folder: Path, labels: list[str], method: MethodText) -> list[str]:
+def _merged_section(
+    prov: Mapping[str, Any], folder: Path, labels: list[str], method: MethodText, extra: Sequence[str] = ()
+) -> list[str]:
     rows = []
     for i, (s, label) in enumerate(zip(prov["sources"], labels, strict=True)):
         commit = f"`{s['commit']}`" if s.get("commit") else "— (local folder)"
@@ -235,6 +365,8 @@ def _merged_section(prov: Mapping[str, Any], folder: Path, labels: list[str], me
     out = ["## What was merged", ""]
     out += _table(["#", "label", "checkpoint", "commit", "weight"], rows)
     out += ["", f"Sources are listed oldest to newest. Method: {method.description}."]
+    if any(s.get("repo") for s in prov["sources"]) and prov.get("endpoint"):
+        out.append(f"Hub sources were read from {prov['endpoint']}.")
     dtype = prov.get("dtype")
     out.append(f"Output dtype: `{dtype}`." if dtype else "Output dtype: that of the sources (accumulated in float32).")
     integrity = prov.get("integrity")
@@ -245,7 +377,7 @@ def _merged_section(prov: Mapping[str, Any], folder: Path, labels: list[str], me
             f"Integrity check: {integrity.get('checked', 'run')}; policy `{integrity.get('policy')}`; "
             f"revisions left out: {left}."
         )
-    files = {k: v for k, v in sorted((prov.get("files") or {}).items()) if not _is_card_file(k)}
+    files = {k: v for k, v in sorted((prov.get("files") or {}).items()) if not _is_card_file(k) and k not in extra}
     if files:
         out += ["", "Files written by the merge (sha256, as in `hubmerge.json`):", ""]
         out += _table(["file", "sha256"], [[name, f"`{digest}`"] for name, digest in files.items()])
@@ -257,7 +389,13 @@ def _is_card_file(name: str) -> bool:
 
 
 def _how_section(prov: Mapping[str, Any], recipe: str) -> list[str]:
-    out = ["## How it was made", "", f"The recipe, verbatim (saved next to this card as [`{RECIPE}`]({RECIPE})):"]
+    out = [
+        "## How it was made",
+        "",
+        f"The recipe (saved next to this card as [`{RECIPE}`]({RECIPE})), as the merge read it except that local "
+        "paths are written relative to this repository, `output.path` is a new folder here and `output.push` and "
+        "`evaluate.results` are left out, so that it reruns from a clone:",
+    ]
     out += ["", "```yaml", recipe.rstrip("\n"), "```"]
     recipe_data = prov.get("recipe") or {}
     sources = recipe_data.get("sources")
@@ -280,7 +418,9 @@ def _row_labels(evidence: CardEvidence, labels: list[str]) -> list[str]:
     return list(seen)
 
 
-def _evaluation_section(evidence: CardEvidence, labels: list[str], n_sources: int) -> list[str]:
+def _evaluation_section(
+    evidence: CardEvidence, labels: list[str], n_sources: int, data_names: Mapping[str, str], folder: Path
+) -> list[str]:
     tasks = list(evidence.scores)
     header = ["model", *[f"{t} ({evidence.metric.get(t, 'acc')})" for t in tasks]]
     rows = []
@@ -288,11 +428,19 @@ def _evaluation_section(evidence: CardEvidence, labels: list[str], n_sources: in
         if label not in labels and label != "merged" and all(evidence.scores[t].get(label) is None for t in tasks):
             continue
         name = "**merged (this model)**" if label == "merged" else label
-        rows.append([name, *[_fmt(evidence.scores[t].get(label)) for t in tasks]])
+        rows.append([name, *[_score_cell(evidence, t, label) for t in tasks]])
     if evidence.ensemble:
         ens = f"ensemble of the {n_sources} sources (probability averaging)"
         rows.append([ens, *[_fmt(evidence.ensemble.get(t)) for t in tasks]])
-    out = ["## Evaluation", "", "Accuracy per task (share of examples answered correctly):", ""]
+    intro = "Accuracy per task (share of examples answered correctly)"
+    if evidence.stderr:
+        intro += (
+            "; ± is the standard error over the task's examples, as lm-evaluation-harness reports `acc_stderr` "
+            "(sample standard deviation / √n)"
+        )
+    if evidence.groups:
+        intro += "; a group's column pools its tasks' examples (size-weighted, as lm-eval scores a group) and leads"
+    out = ["## Evaluation", "", intro + ":", ""]
     out += _table(header, rows)
     out += [
         "",
@@ -305,13 +453,52 @@ def _evaluation_section(evidence: CardEvidence, labels: list[str], n_sources: in
         bits = []
         if evidence.n_examples and evidence.n_examples.get(t) is not None:
             bits.append(f"{evidence.n_examples[t]} examples")
+        if evidence.groups and t in evidence.groups:
+            bits.append(f"pools {len(evidence.groups[t])} tasks: {', '.join(evidence.groups[t])}")
         if evidence.task_sources and evidence.task_sources.get(t):
-            bits.append(f"data: `{redact(evidence.task_sources[t])}`")
+            bits.append(data_note(evidence.task_sources[t], data_names.get(evidence.task_sources[t]), folder))
         if bits:
             details.append(f"- `{t}`: {', '.join(bits)}")
     if details:
-        out += ["", *details]
+        out += ["", "What each score rests on:", "", *details]
     return out
+
+
+def _score_cell(evidence: CardEvidence, task: str, label: str) -> str:
+    value = _fmt(evidence.scores[task].get(label))
+    se = (evidence.stderr or {}).get(task, {}).get(label)
+    return f"{value} ± {_fmt(se)}" if _present(se) and value != "—" else value
+
+
+def hub_dataset(source: str) -> dict[str, str] | None:
+    """``{"id", "config", "split"}`` of a task whose data is a Hub dataset (``hf:org/name[/config]:split``)."""
+    if not source.startswith("hf:"):
+        return None
+    where, _, split = source[3:].rpartition(":")
+    if not where:
+        where, split = split, ""
+    parts = where.split("/")
+    repo, config = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 1 else (parts[0], "")
+    return {"id": repo, "config": config, "split": split}
+
+
+def data_note(source: str, shipped: str | None = None, folder: Path | None = None) -> str:
+    """How the card names a task's data: a Hub dataset by its id, a local file by its name and sha256 (never its
+    path); ``shipped`` is the file's name in this repository when the card ships a copy."""
+    hub = hub_dataset(source)
+    if hub is not None:
+        extra = ", ".join(f"{k} `{hub[k]}`" for k in ("config", "split") if hub[k])
+        return f"data: the Hub dataset `{hub['id']}`" + (f" ({extra})" if extra else "")
+    path = folder / shipped if shipped and folder is not None and (folder / shipped).is_file() else Path(source)
+    digest = sha256_file(path) if path.is_file() else None
+    name = shipped or path.name
+    text = f"data: the local file `{name}`"
+    if digest:
+        text += f" (sha256 `{digest}`)"
+    text += ", not a Hub dataset"
+    if shipped:
+        text += f"; a copy is in this repository as [`{shipped}`]({shipped})"
+    return text
 
 
 def _stability_section(evidence: CardEvidence, plot_name: str | None) -> list[str]:
@@ -328,11 +515,15 @@ def _stability_section(evidence: CardEvidence, plot_name: str | None) -> list[st
     ):
         if not keys:
             continue
-        rows = [
-            [t, evidence.metric.get(t, "acc"), *[_fmt(stab[t].get(k), signed=k in SIGNED) for k in keys]] for t in stab
-        ]
+        rows = [[t, evidence.metric.get(t, "acc"), *[_stab_cell(evidence, t, k) for k in keys]] for t in stab]
         out += [intro, "", *_table(["task", "score", *[STABILITY_COLUMNS[k][0] for k in keys]], rows), ""]
         out += [f"- **{STABILITY_COLUMNS[k][0]}**: {STABILITY_COLUMNS[k][1]}." for k in keys]
+        if keys is trajectory and evidence.intervals:
+            out.append(
+                f"- [low, high]: a {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the task's examples "
+                f"({BOOTSTRAP_RESAMPLES} resamples with replacement, seed {BOOTSTRAP_SEED}); the examples each row "
+                "rests on are listed under Evaluation."
+            )
         if keys is trajectory and any(k in keys for k in AFTER_KEYS):
             what = evidence.after_description or "windowed weight averages of the trajectory, in training order"
             out.append(f"- *After* series: {what}.")
@@ -354,29 +545,90 @@ def _stability_section(evidence: CardEvidence, plot_name: str | None) -> list[st
     return out[:-1]
 
 
+def _stab_cell(evidence: CardEvidence, task: str, key: str) -> str:
+    value = (evidence.stability or {}).get(task, {}).get(key)
+    text = _fmt(value, signed=key in SIGNED)
+    ci = (evidence.intervals or {}).get(task, {}).get(key)
+    if ci is not None and _present(value) and all(_present(v) for v in ci):
+        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+    return text
+
+
 def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def _reproduce_section(
-    prov: Mapping[str, Any], folder: Path, evidence: CardEvidence | None, command: str | None
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def reproduce_commands(
+    prov: Mapping[str, Any],
+    folder: Path,
+    evidence: CardEvidence | None,
+    command: str | None = None,
+    data_names: Mapping[str, str] | None = None,
 ) -> list[str]:
-    lines = [f"hubmerge merge {RECIPE}"]
+    """The card's Reproduce block, one command a line, each runnable as written from a clone of the repo.
+
+    Hub sources are read from the endpoint ``hubmerge.json`` records (``--endpoint`` when it is not the Hub's);
+    tasks whose data is a local file are evaluated on the copy the card ships (``--data``), one command per file;
+    a group stands for its members (``--tasks blimp``).
+    """
+    endpoint = prov.get("endpoint")
+    hub = [s for s in prov["sources"] if s.get("repo")]
+    flag = f" --endpoint {endpoint}" if hub and endpoint and endpoint.rstrip("/") != DEFAULT_ENDPOINT else ""
+    lines = [f"hubmerge merge {RECIPE}{flag}"]
     if command:
         lines.append(redact(command))
-    elif evidence is not None and evidence.scores:
-        targets = ["."]
-        hub = [s for s in prov["sources"] if s.get("repo")]
-        if hub:
-            revisions = ", ".join(str(s.get("revision")) for s in hub)
-            targets.append(f"{hub[0]['repo']} --select '{{revisions: [{revisions}]}}'")
-        targets += [_display_path(s["path"], folder) for s in prov["sources"] if not s.get("repo")]
-        lines.append(f"hubmerge eval {' '.join(targets)} --tasks {','.join(evidence.scores)}")
-    out = ["## Reproduce", "", "From a clone of this repository:", "", "```bash", *lines, "```"]
+        return lines
+    if evidence is None or not evidence.scores:
+        return lines
+    targets = ["."]
+    if hub:
+        revisions = ", ".join(str(s.get("revision")) for s in hub)
+        targets.append(f"{hub[0]['repo']} --select '{{revisions: [{revisions}]}}'")
+    targets += [_display_path(s["path"], folder) for s in prov["sources"] if not s.get("repo")]
+    groups = evidence.groups or {}
+    grouped = {m: g for g, ms in groups.items() for m in ms}
+    by_data: dict[str | None, list[str]] = {}
+    for task in evidence.scores:
+        if task in groups:
+            continue
+        source = (evidence.task_sources or {}).get(task)
+        local = source is not None and hub_dataset(source) is None
+        data = (data_names or {}).get(source, Path(source).name) if local and source else None
+        name = grouped.get(task, task)
+        names = by_data.setdefault(data, [])
+        if name not in names:
+            names.append(name)
+    for data, names in by_data.items():
+        extra = f" --data {data}" if data else ""
+        lines.append(f"hubmerge eval {' '.join(targets)} --tasks {','.join(names)}{extra}{flag}")
+    return lines
+
+
+def _reproduce_section(
+    prov: Mapping[str, Any],
+    folder: Path,
+    evidence: CardEvidence | None,
+    command: str | None,
+    data_names: Mapping[str, str] | None = None,
+) -> list[str]:
+    lines = reproduce_commands(prov, folder, evidence, command, data_names)
+    local = [s for s in prov["sources"] if not s.get("repo")]
+    where = (
+        "From a clone of this repository, with the local sources at the paths shown above (relative to the clone):"
+        if local
+        else "From a clone of this repository:"
+    )
+    out = ["## Reproduce", "", where, "", "```bash", *lines, "```"]
+    output = ((prov.get("recipe") or {}).get("output") or {}).get("path")
+    target = f"`{Path(output).name}/`" if isinstance(output, str) else "its `output.path`"
     out += [
         "",
-        f"`{RECIPE}` writes to its `output.path` (pass `--force` to replace an existing folder). On CPU the merge "
-        "is deterministic, so the result's sha256 can be checked against the files listed above.",
+        f"`{RECIPE}` writes the merge to {target} inside the clone (pass `--force` to replace it); on CPU the merge is "
+        "deterministic, so its files' sha256 can be checked against the ones listed above. Scores go to "
+        "`./hubmerge-results`.",
     ]
     return out
 
@@ -387,7 +639,7 @@ def build_card(
     *,
     method: MethodText,
     command: str | None = None,
-    license: str | None = None,
+    license: str | Mapping[str, str] | None = None,
     recipe_text: str | None = None,
 ) -> ModelCard:
     """The card of a merged folder, in memory; :func:`write_card` saves it with the files it links to.
@@ -395,7 +647,13 @@ def build_card(
     ``method`` names the merge method (from the merging engine's registry); ``recipe_text`` is the recipe file as
     the merge read it (default: read again from ``hubmerge.json``'s ``recipe_file``). ``command`` is how the
     evidence was produced (shown under Reproduce; default: a ``hubmerge eval`` line for
-    the merged model, its sources and the tasks). ``license`` overrides the one read from the newest source.
+    the merged model, its sources and the tasks). ``license`` (an id, or ``license``/``license_name``/
+    ``license_link`` as the source's card data says) overrides the one read from the newest source; with neither
+    the card says ``license: other`` and why.
+
+    Nothing local is published: sources, recipe and data are named as :func:`publishable_provenance` does, a
+    task's data by its Hub id only when it is a Hub dataset (only those tasks enter ``model-index``), else by its
+    file's name and sha256.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -404,18 +662,27 @@ def build_card(
     labels = source_labels(prov)
     name = str(prov.get("name") or folder.name)
     repos = list(dict.fromkeys(s["repo"] for s in prov["sources"] if s.get("repo")))
-    lic = {"license": license} if license else source_license(prov)
+    if isinstance(license, str):
+        lic = {"license": license}
+    else:
+        lic = dict(license) if license else source_license(prov, folder)
+    unknown_license = not lic
+    lic = lic or dict(LICENSE_UNKNOWN)
+    data_names = shipped_data(evidence, folder, prov)
 
     results = []
     for task, by_model in (evidence.scores if evidence else {}).items():
         value = by_model.get("merged")
-        if _present(value):
+        hub = hub_dataset((evidence.task_sources or {}).get(task) or "")  # type: ignore[union-attr]
+        if _present(value) and hub is not None:
             metric = evidence.metric.get(task, "acc")  # type: ignore[union-attr]
             results.append(
                 EvalResult(
                     task_type="text-generation",
-                    dataset_type=task,
+                    dataset_type=hub["id"],
                     dataset_name=task,
+                    dataset_config=hub["config"] or None,
+                    dataset_split=hub["split"] or None,
                     metric_type=metric,
                     metric_value=float(value),
                     metric_name=_METRIC_NAMES.get(metric, metric),
@@ -445,15 +712,23 @@ def build_card(
         f"({span}), made with hubmerge. This card is generated from the merge's `{PROVENANCE_FILE}`"
         + (" and the evaluation results." if evidence is not None and evidence.scores else "."),
         "",
-        *_merged_section(prov, folder, labels, method),
+        *_merged_section(prov, folder, labels, method, list(data_names.values())),
         "",
-        *_how_section(prov, _recipe_text(prov, recipe_text)),
+        *_how_section(prov, _recipe_text(prov, folder, recipe_text, data_names)),
     ]
     if evidence is not None and evidence.scores:
-        body += ["", *_evaluation_section(evidence, labels, n)]
+        body += ["", *_evaluation_section(evidence, labels, n, data_names, folder)]
+        if evidence.scores and not results:
+            body += [
+                "",
+                "No score is listed in the metadata's `model-index`: it names a dataset by its Hub id, and none of "
+                "these tasks' data is a Hub dataset (see the data of each task above).",
+            ]
     if evidence is not None and (evidence.stability or plot_name):
         body += ["", *_stability_section(evidence, plot_name)]
-    body += ["", *_reproduce_section(prov, folder, evidence, command)]
+    body += ["", *_reproduce_section(prov, folder, evidence, command, data_names)]
+    if unknown_license:
+        body += ["", "## License", "", LICENSE_NOTE]
     body += [
         "",
         "## Citation",
@@ -466,6 +741,29 @@ def build_card(
     if card.data.to_dict() != data.to_dict():  # the client must read back exactly what we meant
         raise HubmergeError(f"{folder}: the card's metadata does not round-trip through huggingface_hub.ModelCard")
     return card
+
+
+def shipped_data(evidence: CardEvidence | None, folder: Path, prov: Mapping[str, Any]) -> dict[str, str]:
+    """Local data files the card ships beside it (source path -> file name in the folder), so the Reproduce
+    commands find them in a clone: each task's data file that exists here, or whose copy is already here."""
+    out: dict[str, str] = {}
+    taken = {README, RECIPE, PROVENANCE_FILE} | {k for k in (prov.get("files") or {}) if not _is_card_file(k)}
+    for source in ((evidence.task_sources or {}) if evidence else {}).values():
+        if source in out or hub_dataset(source) is not None:
+            continue
+        name = Path(source).name
+        if name in taken and not _is_copy(folder / name, Path(source)):
+            name = f"eval-{name}"
+        if Path(source).is_file() or (folder / name).is_file():
+            out[source] = name
+    return out
+
+
+def _is_copy(shipped: Path, source: Path) -> bool:
+    """Whether ``shipped`` already is the card's copy of ``source`` (a rewrite of the card finds its own copy)."""
+    if not shipped.is_file():
+        return False
+    return not source.is_file() or sha256_file(shipped) == sha256_file(source)
 
 
 def _pipeline_tag(folder: Path) -> str | None:
@@ -493,16 +791,26 @@ def write_card(
     *,
     method: MethodText,
     command: str | None = None,
-    license: str | None = None,
+    license: str | Mapping[str, str] | None = None,
     recipe_text: str | None = None,
 ) -> Path:
     """Write README.md, recipe.yaml and the plot into the merged folder, then bring ``hubmerge.json``'s hashes up to
     date; returns the README's path. Each file is replaced atomically; rerunning with the same inputs rewrites the
-    same bytes."""
+    same bytes. ``hubmerge.json`` is rewritten as :func:`publishable_provenance` says (no local path), and the local
+    data files the tasks read are copied beside the card (:func:`shipped_data`)."""
     folder = Path(folder)
-    card = build_card(folder, evidence, method=method, command=command, license=license, recipe_text=recipe_text)
     prov = read_provenance(folder)
-    atomic_write(folder / RECIPE, _recipe_text(prov, recipe_text))
+    data_names = shipped_data(evidence, folder, prov)
+    for source, name in sorted(data_names.items()):
+        if Path(source).is_file() and Path(source).resolve() != (folder / name).resolve():
+            atomic_write(folder / name, Path(source).read_bytes())
+    if data_names:  # listed before the card is built, so that its file table is the same on every rewrite
+        files = dict(prov.get("files") or {})
+        files.update({name: sha256_file(folder / name) for name in data_names.values()})
+        prov["files"] = dict(sorted(files.items()))
+        write_provenance(folder, prov)
+    card = build_card(folder, evidence, method=method, command=command, license=license, recipe_text=recipe_text)
+    atomic_write(folder / RECIPE, _recipe_text(prov, folder, recipe_text, data_names))
     if evidence is not None and evidence.plot is not None:
         plot = Path(evidence.plot)
         if not plot.is_file():
@@ -512,10 +820,10 @@ def write_card(
             atomic_write(target, plot.read_bytes())
     readme = folder / README
     atomic_write(readme, card.content)
-    prov = read_provenance(folder)
+    prov = publishable_provenance(read_provenance(folder), folder, data_names)
     files = dict(prov.get("files") or {})
     for p in sorted(folder.iterdir()):
-        if p.is_file() and _is_card_file(p.name):
+        if p.is_file() and (_is_card_file(p.name) or p.name in data_names.values()):
             files[p.name] = sha256_file(p)
     prov["files"] = dict(sorted(files.items()))
     write_provenance(folder, prov)
@@ -525,18 +833,27 @@ def write_card(
 # --------------------------------------------------------------------------------------------- from the store
 
 
-def _source_key(s: Mapping[str, Any], models: list[dict[str, Any]]) -> str | None:
-    """The store's key of a source: the model registered with its repo and commit (or revision), else its hashes."""
+def _source_key(s: Mapping[str, Any], models: list[dict[str, Any]], folder: Path) -> str | None:
+    """The store's key of a source: the model registered with its repo and commit (or revision), else its hashes
+    (the weight files' sha256 that ``hubmerge.json`` records, or the folder's, hashed)."""
     if s.get("repo"):
         for field in ("commit", "revision"):
             if s.get(field):
                 hits = [m for m in models if m["repo"] == s["repo"] and m[field] == s[field]]
                 if hits:
                     return hits[0]["model_key"]
-    path = s.get("path")
-    if path and Path(path).exists():
+    recorded = s.get("sha256")
+    if isinstance(recorded, dict) and recorded:
         try:
-            key = model_key(weight_hashes_of_folder(path))
+            key = model_key(recorded.values())
+        except HubmergeError:
+            key = None
+        if key is not None and any(m["model_key"] == key for m in models):
+            return key
+    path = s.get("path")
+    if path and _local(path, folder).exists():
+        try:
+            key = model_key(weight_hashes_of_folder(_local(path, folder)))
         except HubmergeError:
             return None
         return key if any(m["model_key"] == key for m in models) else None
@@ -583,6 +900,7 @@ def evidence_from_store(
     *,
     metric: str | Mapping[str, str] = "acc",
     averaged: Sequence[str | Path] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> CardEvidence:
     """The card's evidence for a merged folder, read from a results store; no model runs.
 
@@ -592,6 +910,10 @@ def evidence_from_store(
     windowed-average series in training order (store keys, names or folders): "after" is measured along it;
     without it the card reports where the merge sits in its window (see the module docstring).
     A source missing from the store leaves its cells, the ensemble and "before" empty rather than guessed.
+
+    Per-example tasks also get each score's standard error (:func:`~hubmerge.stability.metrics.mean_stderr`) and
+    bootstrap intervals of the instability figures. ``groups`` (group -> member tasks, as the store or the recipe
+    knows them) adds a row per group with 2+ members found, pooling their examples, placed before its members.
     """
     folder = Path(folder)
     prov = read_provenance(folder)
@@ -603,7 +925,7 @@ def evidence_from_store(
             f"{folder}: the merged model has no results in {store.path}; evaluate it first "
             f"(`hubmerge eval {folder} --tasks ...`)"
         )
-    keys = [_source_key(s, models) for s in prov["sources"]]
+    keys = [_source_key(s, models, folder) for s in prov["sources"]]
     after_keys = [_ref_key(r, models) for r in averaged] if averaged else None
     rows = [s for s in store.scores(models=[merged]) if s.acc is not None]
     if tasks is not None:
@@ -618,7 +940,10 @@ def evidence_from_store(
             by_name[s.task] = s
     rows = list(by_name.values())
     known = {t["task_key"]: t for t in store.tasks()}
-    ev = CardEvidence(scores={}, metric={}, ensemble={}, stability={}, n_examples={}, task_sources={})
+    ev = CardEvidence(
+        scores={}, metric={}, ensemble={}, stability={}, n_examples={}, task_sources={}, stderr={}, intervals={}
+    )
+    arrays: dict[str, tuple[Any, Any, Any]] = {}  # complete per-example tasks: (pred, correct, present), merged last
     for row in rows:
         name, tkey = row.task, row.task_key
         m = metric if isinstance(metric, str) else metric.get(name, "acc")
@@ -658,15 +983,82 @@ def evidence_from_store(
                 _, stab["is_vs_newest"], stab["flip_vs_newest"] = _series_stability(
                     store, pair, [src_scores[-1], scores["merged"]], tkey, m, True
                 )
+        intervals: dict[str, tuple[float, float]] = {}
+        if per_example:
+            found = [(label, k) for label, k in zip(labels, keys, strict=True) if k in by_key]
+            pred, correct, present = _per_example(store, [k for _, k in found] + [merged], tkey, m)
+            rows_of = [*(lab for lab, _ in found), "merged"]
+            ev.stderr[name] = {label: mean_stderr(correct[i][present[i]]) for i, label in enumerate(rows_of)}  # type: ignore[index]
+            if complete:
+                arrays[name] = (pred, correct, present)
+                intervals.update(_intervals(pred[:-1], correct[:-1], present[:-1], "before"))
         if after_keys and all(k in by_key and getattr(by_key[k], m) is not None for k in after_keys):
             after_scores = [getattr(by_key[k], m) for k in after_keys]
             stab["mtv_after"], stab["is_after"], stab["flip_after"] = _series_stability(
                 store, after_keys, after_scores, tkey, m, per_example
             )
+            if per_example:
+                intervals.update(_intervals(*_per_example(store, after_keys, tkey, m), "after"))
         ev.stability[name] = stab  # type: ignore[index, assignment]
+        if intervals:
+            ev.intervals[name] = intervals  # type: ignore[index]
     if after_keys:
         ev.after_description = f"{len(after_keys)} windowed weight averages along the trajectory, in training order"
+    _add_groups(ev, groups or {}, arrays, labels)
     return ev
+
+
+def _intervals(pred: Any, correct: Any, present: Any, when: str) -> dict[str, tuple[float, float]]:
+    """The bootstrap intervals of MTV, flip rate and IS along a series, under the card's ``*_before``/``_after``."""
+    if correct.shape[0] < 2:
+        return {}
+    got = series_intervals(correct, pred, present)
+    names = {"mtv": "mtv", "flip_rate": "flip", "instability_score": "is"}
+    return {f"{names[k]}_{when}": v for k, v in got.items()}
+
+
+def _add_groups(
+    ev: CardEvidence, groups: Mapping[str, Sequence[str]], arrays: Mapping[str, tuple[Any, Any, Any]], labels: list[str]
+) -> None:
+    """A pooled row per group: its members' examples side by side (lm-eval's size-weighted group score), every
+    figure computed on the pool; the group leads its members in every table."""
+    found: dict[str, list[str]] = {}
+    for group, members in groups.items():
+        ms = [t for t in members if t in arrays and t != group]
+        if len(ms) >= 2 and len({ev.metric[t] for t in ms}) == 1:
+            found[group] = ms
+    if not found:
+        return
+    for group, ms in found.items():
+        pred, correct, present = (np.concatenate([arrays[t][i] for t in ms], axis=1) for i in range(3))
+        pooled = [float(correct[i][present[i]].mean()) for i in range(correct.shape[0])]
+        src = np.asarray(pooled[:-1], dtype=np.float64)
+        ev.scores[group] = {"merged": pooled[-1], **dict(zip(labels, pooled[:-1], strict=True))}
+        ev.metric[group] = ev.metric[ms[0]]
+        ev.n_examples[group] = sum(ev.n_examples[t] for t in ms)  # type: ignore[index]
+        if ev.ensemble is not None and all(t in ev.ensemble for t in ms):
+            ev.ensemble[group] = float(sum(ev.ensemble[t] * ev.n_examples[t] for t in ms) / ev.n_examples[group])  # type: ignore[index]
+        ev.stderr[group] = {  # type: ignore[index]
+            label: mean_stderr(correct[i][present[i]]) for i, label in enumerate([*labels, "merged"])
+        }
+        ev.stability[group] = {  # type: ignore[index]
+            "mtv_before": _num(mean_total_variation(src)),
+            "is_before": _num(instability_score(pred[:-1], present[:-1])),
+            "flip_before": _num(flip_rate(correct[:-1], present[:-1])),
+            "window_mean": float(src.mean()),
+            "window_std": float(src.std()) if src.size > 1 else None,
+            "window_range": float(src.max() - src.min()) if src.size > 1 else None,
+            "merged_minus_mean": float(pooled[-1] - src.mean()),
+            "is_vs_newest": _num(instability_score(pred[-2:], present[-2:])),
+            "flip_vs_newest": _num(flip_rate(correct[-2:], present[-2:])),
+        }
+        ev.intervals[group] = _intervals(pred[:-1], correct[:-1], present[:-1], "before")  # type: ignore[index]
+    ev.groups = found
+    order = [t for g, ms in found.items() for t in (g, *ms)]
+    order += [t for t in ev.scores if t not in order]
+    for attr in ("scores", "stability"):
+        d = getattr(ev, attr)
+        setattr(ev, attr, {t: d[t] for t in order if t in d})
 
 
 def window_plot(folder: Path, evidence: CardEvidence, out_dir: Path) -> Path | None:

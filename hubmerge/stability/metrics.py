@@ -30,12 +30,16 @@ Edge cases, decided once for every function here:
   per-checkpoint dicts keyed by example id). Each consecutive pair (t, t+1) is averaged over the examples
   present at both t and t+1 (pairwise, not the intersection over all checkpoints, which would drop an example
   from every step because one checkpoint lacks it). A pair with no example in common is refused.
+
+Uncertainty: :func:`mean_stderr` is a score's standard error over examples as lm-eval reports ``acc_stderr``
+(``sqrt(var(ddof=1) / n)``); :func:`bootstrap_interval` and :func:`series_intervals` give fixed-seed 95%
+percentile bootstrap intervals over examples for the instability figures.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,5 +265,108 @@ def window_stats(scores: Sequence[float] | np.ndarray, window: int | None = None
                 worst_drop=drop,
                 worst_drop_at=None if at is None else start + at,
             )
+        )
+    return out
+
+
+# --- uncertainty ------------------------------------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+
+
+def mean_stderr(values: Sequence[float] | np.ndarray) -> float:
+    """Standard error of a mean over examples, as lm-eval's ``acc_stderr``: ``sqrt(var(ddof=1) / n)``.
+
+    lm-eval's ``mean_stderr`` is the sample standard deviation over √n; NaN for fewer than two examples
+    (one example has no spread to estimate from).
+    """
+    arr = _array(values, "per-example values").ravel()
+    if arr.size and not np.isfinite(arr).all():
+        raise StabilityError("per-example values: a NaN or infinite value; leave absent examples out instead")
+    if arr.size < 2:
+        return math.nan
+    return float(math.sqrt(arr.var(ddof=1) / arr.size))
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    n_examples: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float]:
+    """A percentile bootstrap interval over examples: ``statistic(idx)`` is evaluated on ``resamples`` draws of
+    ``n_examples`` example indices with replacement (a fixed-seed generator, so the same inputs give the same
+    interval), and the central ``level`` share of the values is returned as ``(low, high)``.
+
+    ``statistic`` gets the index array and returns one number (e.g. the flip rate of ``correct[:, idx]``); a draw
+    on which it is undefined (NaN, or a :class:`StabilityError` such as a step with no example in common) is left
+    out. ``(nan, nan)`` when no draw is defined or there are no examples.
+    """
+    if n_examples < 1 or resamples < 1:
+        return math.nan, math.nan
+    if not 0 < level < 1:
+        raise StabilityError(f"bootstrap level {level}: must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n_examples, size=n_examples)
+        try:
+            v = float(statistic(idx))
+        except StabilityError:
+            continue
+        if math.isfinite(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.asarray(values), [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def series_intervals(
+    correct: np.ndarray,
+    pred: np.ndarray | None,
+    present: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of the task-level MTV, the flip rate and (with ``pred``) the IS of a series of models,
+    resampling examples (the columns of ``correct[m, n]``) together, so the three share each draw.
+
+    A model's score on a draw is its accuracy over the drawn examples it has (``present``).
+    """
+    correct, mask = _per_example(correct, present, "correctness")
+
+    def mtv(idx: np.ndarray) -> float:
+        c, p = correct[:, idx], mask[:, idx]
+        counts = p.sum(axis=1)
+        if (counts == 0).any():
+            return math.nan
+        return mean_total_variation((c * p).sum(axis=1) / counts)
+
+    out = {
+        "mtv": bootstrap_interval(mtv, correct.shape[1], resamples=resamples, level=level, seed=seed),
+        "flip_rate": bootstrap_interval(
+            lambda idx: flip_rate(correct[:, idx], mask[:, idx]),
+            correct.shape[1],
+            resamples=resamples,
+            level=level,
+            seed=seed,
+        ),
+    }
+    if pred is not None:
+        pred_arr, _ = _per_example(pred, mask, "predictions")
+        out["instability_score"] = bootstrap_interval(
+            lambda idx: instability_score(pred_arr[:, idx], mask[:, idx]),
+            correct.shape[1],
+            resamples=resamples,
+            level=level,
+            seed=seed,
         )
     return out

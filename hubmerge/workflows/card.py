@@ -69,6 +69,7 @@ def write_card_from_store(
     """``hubmerge card``: the evidence a results store holds for a merge and its sources, with a plot of the
     sources' scores along the window, written as the folder's README.md."""
     folder = Path(folder)
+    read_provenance(folder)  # a folder that is not a merge's output is named before the store is opened
     store = ResultsStore(results, read_only=True)
     evidence = evidence_from_store(folder, store, tasks)
     with tempfile.TemporaryDirectory(prefix="hubmerge-card-") as tmp:

@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hubmerge.errors import InvalidValueError, RecipeError
+from hubmerge.errors import IntegrityError, InvalidValueError, RecipeError
 from hubmerge.hub.client import HubClient
 from hubmerge.hub.integrity import apply_policy, check
 from hubmerge.hub.pull import HubResolution, check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
 from hubmerge.hub.revisions import Revision, resolve_selection
 from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream, storage_order
+from hubmerge.io.checkpoint import SourceRef, identical_weights, open_checkpoint
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.sizes import format_size
 from hubmerge.merging.executor import MergeResult, execute
 from hubmerge.merging.methods import normalised_weights
-from hubmerge.merging.plan import MergePlan, StreamPlan, TensorPlan, build_plan
+from hubmerge.merging.plan import MergePlan, StreamPlan, TensorPlan, build_plan, check_disk_space
 from hubmerge.merging.recipe import EvaluateConfig, HubSources, RecipeDocument, load_recipe
 
 if TYPE_CHECKING:
@@ -87,9 +88,10 @@ def plan_merge(
 ) -> MergePlan:
     """The plan of a recipe's merge; Hub sources are selected, checked and pulled (or opened to stream) first.
 
-    ``stream`` overrides the recipe's ``sources.fetch`` (``--stream``)."""
+    ``stream`` overrides the recipe's ``sources.fetch`` (``--stream``). An output that would not fit on its disk is
+    refused here (exit 4), before any tensor is read."""
     if not isinstance(doc.recipe.sources, HubSources):
-        return build_plan(doc, device=device, force=force)
+        return check_disk_space(plan_local(doc, device=device, force=force, display=display))
     hub = doc.recipe.sources
     client = client or HubClient()
     streamed = stream if stream is not None else hub.fetch == "stream"
@@ -99,11 +101,53 @@ def plan_merge(
     note_dropped(resolved, display)
     weights = kept_weights(doc, resolved.selected, resolved.kept)  # before any download: a bad share costs nothing
     if streamed:
-        return plan_streamed(doc, resolved, client, device=device, force=force, weights=weights, display=display)
-    resolved.sources = fetch_kept(hub.repo, resolved, client, display=display)
+        plan = plan_streamed(doc, resolved, client, device=device, force=force, weights=weights, display=display)
+        return check_disk_space(plan)
+    # the merge's reader hashes every cached byte as it merges it: no separate pass over the files here
+    resolved.sources = fetch_kept(hub.repo, resolved, client, display=display, verify=False)
     doc.check_output([s.path for s in resolved.sources])
     plan = build_plan(doc, resolved.sources, device=device, force=force, weights=weights)
     plan.extra_provenance.update(resolved.provenance)
+    return check_disk_space(plan)
+
+
+def plan_local(doc: RecipeDocument, *, device: str = "cpu", force: bool = False, display: Display = QUIET) -> MergePlan:
+    """A recipe of local folders: the same weights listed twice (one folder, or two folders holding identical
+    files) would count twice in the average; the recipe's ``on_anomaly`` refuses it (exit 6) or drops the copy."""
+    paths = doc.local_sources()
+    sources = [SourceRef(p, p.name) for p in paths]
+    checkpoints = [open_checkpoint(p) for p in paths]
+    duplicates = identical_weights(checkpoints)
+    if not duplicates:
+        return build_plan(doc, sources, device=device, force=force, checkpoints=checkpoints)
+    policy = doc.recipe.on_anomaly
+    found = [
+        f"sources.{j}.path ({paths[j]}) holds weights bit-identical to sources.{i}.path ({paths[i]})"
+        for j, i in duplicates.items()
+    ]
+    if policy == "refuse":
+        raise IntegrityError(
+            f"{doc.where}: {'; '.join(found)}: it would count twice in the average; remove it, or set "
+            "`on_anomaly: drop_duplicates` in the recipe to merge without the copy",
+            path=doc.where,
+        )
+    keep = [k for k in range(len(sources)) if k not in duplicates]
+    weights = [doc.recipe.weights[k] for k in keep] if doc.recipe.weights is not None else None
+    dropped = [
+        {"revision": sources[j].label, "reason": f"duplicate: weights are bit-identical to sources.{i}.path"}
+        for j, i in duplicates.items()
+    ]
+    for d in dropped:
+        display.note(f"dropped {d['revision']}: {d['reason']}")
+    plan = build_plan(
+        doc,
+        [sources[k] for k in keep],
+        device=device,
+        force=force,
+        weights=weights,
+        checkpoints=[checkpoints[k] for k in keep],
+    )
+    plan.extra_provenance["integrity"] = {"policy": policy, "checked": "local (weight bytes)", "dropped": dropped}
     return plan
 
 

@@ -206,6 +206,8 @@ def run_sweep_recipe(
             max_shard_size=recipe_.output.max_shard_size,
             max_windows_on_disk=sweep_cfg.max_windows_on_disk,
             name=recipe_.name,
+            nonfinite=recipe_.nonfinite,
+            keep=keep,
             **(stream_options(opened, copies) if opened is not None else {}),
         )
         windows = splan.windows

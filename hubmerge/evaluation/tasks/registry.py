@@ -100,11 +100,26 @@ def get_task_spec(name: str | Path) -> TaskSpec:
     raise RecipeError(f"unknown task {name!r}{hint}; {known_tasks_hint()}")
 
 
+def custom_task(name: str, kind: str) -> TaskSpec:
+    """A task of your own by name and kind, its data given with ``--data`` (the CLI's ``--tasks NAME --kind K``):
+    the same as a task YAML holding only ``name`` and ``kind``. A built-in name keeps its definition and must
+    have that kind."""
+    if name in _registry():
+        spec = _registry()[name]
+        if spec.kind != kind:
+            raise RecipeError(
+                f"--kind {kind}: {name} is a built-in {spec.kind} task; drop --kind, or give your task another name"
+            )
+        return spec
+    where = f"--tasks {name} --kind {kind}"
+    return validate(TaskSpec, {"name": name, "kind": kind}, where=where, what="task", reference="task reference")
+
+
 def known_tasks_hint() -> str:
     top = sorted(n for n, s in _registry().items() if s.source.uid is None)
     return (
         f"built-in tasks: {', '.join(top)} (blimp is a group with one task per paradigm, blimp_<uid>); "
-        "or give a task YAML file"
+        "or give a task YAML file, or your own data with --tasks NAME --data FILE --kind KIND"
     )
 
 
