@@ -223,19 +223,22 @@ def test_memory_estimate_is_independent_of_source_count(tmp_path):
     assert plans[1].bytes_read == 3 * plans[0].bytes_read
 
 
+# `hubmerge merge RECIPE -q` with the writer slowed down, so that a signal lands mid-merge.
+SLOW_MERGE = (
+    "import time, hubmerge.io.writer as w\n"
+    "orig = w.ShardWriter.write\n"
+    "def slow(self, data):\n"
+    "    time.sleep(0.2); orig(self, data)\n"
+    "w.ShardWriter.write = slow\n"
+    "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
+)
+
+
 def test_killed_merge_leaves_no_finished_looking_folder(tmp_path):
     """SIGTERM in the middle of a merge: the target never appears and the partial folder is removed."""
     paths = save_trajectory(tmp_path / "ckpts", 4)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
-    # Slow the writer down so the signal lands mid-merge.
-    code = (
-        "import time, hubmerge.io.writer as w\n"
-        "orig = w.ShardWriter.write\n"
-        "def slow(self, data):\n"
-        "    time.sleep(0.2); orig(self, data)\n"
-        "w.ShardWriter.write = slow\n"
-        "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
-    )
+    code = SLOW_MERGE
     proc = subprocess.Popen([sys.executable, "-c", code, str(recipe)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     stderr = terminate_mid_merge(proc, tmp_path)
     assert proc.returncode == 130, stderr
@@ -251,14 +254,7 @@ def test_rerun_removes_the_partial_of_a_merge_killed_with_sigkill(tmp_path):
 
     paths = save_trajectory(tmp_path / "ckpts", 4)
     recipe = write_recipe(tmp_path / "r.yaml", paths, tmp_path / "out")
-    code = (
-        "import time, hubmerge.io.writer as w\n"
-        "orig = w.ShardWriter.write\n"
-        "def slow(self, data):\n"
-        "    time.sleep(0.2); orig(self, data)\n"
-        "w.ShardWriter.write = slow\n"
-        "from hubmerge.cli import main; import sys; sys.argv=['hubmerge','merge',sys.argv[1],'-q']; main()\n"
-    )
+    code = SLOW_MERGE
     proc = subprocess.Popen([sys.executable, "-c", code, str(recipe)], cwd=tmp_path, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not stale_partials(tmp_path) and time.time() < deadline:
