@@ -43,7 +43,6 @@ from hubmerge.io.checkpoint import (
     Checkpoint,
     SourceRef,
     TensorInfo,
-    byte_order,
     header_length,
     parse_safetensors_header,
     read_weight_map,
@@ -182,11 +181,6 @@ def open_stream(
     return plan_stream(
         repo, plan.files, client, snapshots=folders, connections=connections, max_in_flight=max_in_flight
     )
-
-
-def storage_order(tensors: Sequence[Any], newest: Checkpoint) -> list[Any]:
-    """The plan's tensors in the byte order of the newest source's files (file by file, offset by offset)."""
-    return byte_order(tensors, newest)
 
 
 def check_stream_order(order: Sequence[Any], sources: Sequence[SourceRef], checkpoints: Sequence[Checkpoint]) -> None:

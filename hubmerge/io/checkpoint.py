@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hubmerge.errors import CorruptSourceError, SourceError
+from hubmerge.io.files import sha256_file
 
 HASH_BLOCK = 8 * 2**20  # bytes per read when hashing what no tensor read covers (headers, padding, tails)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -490,7 +491,7 @@ class CheckpointReader:
         state = self._bin.get(info.file)
         if state is None:
             if info.file in self.expected:  # a zip-pickle is read by torch, not by us: hash it once first
-                self._check(info.file, _sha256_of(self.checkpoint.path / info.file))
+                self._check(info.file, sha256_file(self.checkpoint.path / info.file))
                 self.expected.pop(info.file)
             state = self._bin[info.file] = _load_bin(self.checkpoint.path / info.file)
         tensor = state[info.name]
@@ -508,7 +509,7 @@ class CheckpointReader:
             path = self.checkpoint.path / file
             if file in self._unordered:
                 reread.append(file)
-                digest = _sha256_of(path)
+                digest = sha256_file(path)
             else:
                 self._hash_gap(file, os.stat(path).st_size)
                 digest = self._hash[file].hexdigest()
@@ -530,16 +531,6 @@ class CheckpointReader:
             os.close(fd)
         self._fds.clear()
         self._bin.clear()
-
-
-def _sha256_of(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def byte_order(tensors: Sequence[Any], newest: Checkpoint) -> list[Any]:
@@ -582,7 +573,7 @@ def identical_weights(checkpoints: Sequence[Checkpoint]) -> dict[int, int]:
 
     def digest(i: int) -> tuple[str, ...]:
         if i not in digests:
-            digests[i] = tuple(_sha256_of(checkpoints[i].path / f) for f, _ in sizes[i])
+            digests[i] = tuple(sha256_file(checkpoints[i].path / f) for f, _ in sizes[i])
         return digests[i]
 
     for j in range(len(checkpoints)):

@@ -15,8 +15,8 @@ from hubmerge.hub.client import HubClient
 from hubmerge.hub.integrity import apply_policy, check
 from hubmerge.hub.pull import HubResolution, check_remote_headers, fetch_kept, plan_pull, resolve_hub_sources
 from hubmerge.hub.revisions import Revision, resolve_selection
-from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream, storage_order
-from hubmerge.io.checkpoint import SourceRef, identical_weights, open_checkpoint
+from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream
+from hubmerge.io.checkpoint import SourceRef, byte_order, identical_weights, open_checkpoint
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.sizes import format_size
 from hubmerge.merging.executor import MergeResult, execute
@@ -155,7 +155,7 @@ def stream_plan(tensors: list[TensorPlan], opened: OpenedStream) -> StreamPlan:
     """How a merge (or a sweep's pass) reads streamed sources: the newest revision's byte order, checked against
     every source's, and the reader; refuses a source stored in another order before any weight is read."""
     sources, checkpoints, streams = opened
-    order = storage_order(tensors, checkpoints[-1])
+    order = byte_order(tensors, checkpoints[-1])
     check_stream_order(order, sources, checkpoints)
     return StreamPlan(
         order, streams.open_reader, streams.total_bytes, streams.file_count, streams.connections, streams.max_in_flight
