@@ -132,6 +132,11 @@ class MissingExtraError(HubmergeError):
     """A feature needs an optional extra that is not installed (``hubmerge[ray]``, ``hubmerge[lm-eval]``)."""
 
 
+class RayMergeError(HubmergeError):
+    """A Ray task of a distributed merge failed on every attempt (its worker died, or it raised something that is
+    not a hubmerge error); the message names the shard, and nothing of the merge was committed."""
+
+
 class ResultFileError(HubmergeError):
     """An lm-evaluation-harness results or samples file that cannot be read or imported (truncated, malformed,
     inconsistent with another revision's), named with its line where there is one."""

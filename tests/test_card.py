@@ -334,3 +334,95 @@ def test_card_of_a_hub_merge_validates_on_the_local_hub(tmp_path, hub, hub_api):
     hub_api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="org/hub-avg")
     assert hub_api.model_info("org/hub-avg").card_data.tags == TAGS
     check_files_match(out)
+
+
+# ------------------------------------------------------------------------------------------------ plot and groups
+
+
+def test_window_series_plots_real_steps_and_the_merged_model(merged):
+    from hubmerge.stability.card import window_series
+
+    labels = source_labels(json.loads((merged.out / "hubmerge.json").read_text()))
+    ev = hand_evidence()
+    ev.steps = {"step100": 100, "step200": 200, "step300": 300}
+    series = window_series(labels, ev)
+    assert series.uses_steps and series.x == [100.0, 200.0, 300.0] and series.xlabel == "training step"
+    assert series.window == (100.0, 300.0) and series.merged_x == 300.0  # the merge at its newest source
+    assert series.merged == {"toy_mc": 0.75, "toy_pairs": 0.625}
+    assert series.scores["toy_mc"] == [0.5, 0.5, 1.0]
+    # a local folder has no step (nor do steps that do not increase): the axis shows the order and says so
+    for steps in (None, {"step100": 100, "step200": None, "step300": 300}, {"step100": 3, "step200": 2, "step300": 1}):
+        ev.steps = steps
+        series = window_series(labels, ev)
+        assert not series.uses_steps and series.x == [0.0, 1.0, 2.0] and "training order" in series.xlabel
+
+
+def test_evidence_from_the_store_carries_each_sources_step(merged, store):
+    from hubmerge.results.keys import weight_hashes_of_folder
+
+    assert evidence_from_store(merged.out, store).steps == dict.fromkeys(["step100", "step200", "step300"])
+    for ckpt, step in zip(merged.ckpts, (100, 200, 300), strict=True):  # the store learns the steps
+        store.register_model(weight_hashes_of_folder(ckpt), name=ckpt.name, step=step)
+    assert evidence_from_store(merged.out, store).steps == {"step100": 100, "step200": 200, "step300": 300}
+
+
+def test_source_steps_read_hub_revisions_where_the_store_has_none():
+    from hubmerge.workflows.card import source_steps
+
+    prov = {
+        "sources": [
+            {"repo": "EleutherAI/pythia-160m", "revision": "step142000", "commit": "a" * 40},
+            {"repo": "allenai/OLMo-1B", "revision": "step20000-tokens84B", "commit": "b" * 40},
+            {"path": "/ckpts/last"},
+        ]
+    }
+    got = source_steps(prov, {"step142000": None, "step20000-tokens84B": 20000, "last": None})
+    assert got == {"step142000": 142000, "step20000-tokens84B": 20000, "last": None}
+
+
+def test_card_groups_from_the_store_and_the_registry():
+    from hubmerge.workflows.card import card_groups
+
+    names = ["arc_easy", "blimp_b", "blimp_a", "mmlu_x", "mmlu_y", "lonely_1"]
+    got = card_groups({"mmlu": ["mmlu_x", "mmlu_y", "mmlu_z"], "lonely": ["lonely_1"]}, names)
+    assert got == {"mmlu": ["mmlu_x", "mmlu_y"], "blimp": ["blimp_b", "blimp_a"]}  # one member is no group
+
+
+def test_card_from_the_store_leads_with_the_group_row(merged, store, tmp_path):
+    from hubmerge.results.keys import weight_hashes_of_folder
+    from hubmerge.workflows.card import write_card_from_store
+
+    folders = {p.name: p for p in merged.ckpts} | {"merged": merged.out}
+    flipped = {name: [1 - p if i == 0 else p for i, p in enumerate(preds)] for name, preds in PREDS.items()}
+    for task, preds in (("blimp_x", PREDS), ("blimp_y", flipped)):
+        tkey = store.register_task(make_task(task, "multiple_choice", [["a", "b"]] * 4, GOLD, "pairs.jsonl"))
+        for name, folder in folders.items():
+            key = store.register_model(weight_hashes_of_folder(folder), name=name, path=folder)
+            store.add_logliks(loglik_rows(key, tkey, preds[name]))
+    readme = write_card_from_store(merged.out, tmp_path / "results")
+    text = readme.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert header == "| model | **blimp** (pooled, acc) | blimp_x (acc) | blimp_y (acc) | toy_mc (acc) |"
+    # merged: blimp_x 1 1 1 0, blimp_y 0 1 1 0 -> 5 of 8
+    assert "| **merged (this model)** | 0.6250 ± " in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and " | acc | " in line]
+    assert rows == ["| **blimp** (pooled)", "| blimp_x", "| blimp_y", "| toy_mc"] * 2  # both stability tables
+    assert "- `blimp`: 8 examples, pools 2 tasks: blimp_x, blimp_y" in text
+    assert "--tasks blimp --data pairs.jsonl" in text  # the group stands for its members
+    assert (merged.out / "stability.png").read_bytes().startswith(b"\x89PNG")
+    again = write_card_from_store(merged.out, tmp_path / "results", ["blimp"])  # a group names its members
+    assert "| model | **blimp** (pooled, acc) | blimp_x (acc) | blimp_y (acc) |\n" in again.read_text()
+
+
+def test_a_card_asked_for_a_metric_the_task_does_not_define_says_so(merged, store):
+    """A WinoGrande-like task reports acc only: a card asked for its acc_norm is one clear error, not a blank."""
+    from hubmerge.errors import StoreError
+
+    task = make_task("toy_wino", "multiple_choice", [["a", "b"]] * 4, GOLD)
+    task.spec.metric_names = ["acc"]
+    tkey = store.register_task(task)
+    merged_key = next(m["model_key"] for m in store.models() if "merged" in (m["names"] or []))
+    store.add_logliks(loglik_rows(merged_key, tkey, PREDS["merged"]))
+    with pytest.raises(StoreError, match="toy_wino defines no acc_norm"):
+        evidence_from_store(merged.out, store, ["toy_wino"], metric="acc_norm")
+    assert evidence_from_store(merged.out, store, ["toy_wino"]).scores["toy_wino"]["merged"] == 0.75

@@ -296,7 +296,7 @@ def test_schema_versions(tmp_path, monkeypatch):
     con = duckdb.connect(str(path))
     con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match=f"older than {store_mod.SCHEMA_VERSION}; run any writing command"):
+    with pytest.raises(StoreError, match=f"older than {store_mod.READABLE_FROM}; run any writing command"):
         ResultsStore(path, read_only=True).models()
     with pytest.raises(StoreError, match="no upgrade from results schema 0"):
         ResultsStore(path).models()
@@ -354,6 +354,82 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
     assert store.scores("t")[0].acc == 0.0  # gold is choice 1; choice 0 is likelier
     store.add_task_group("g", ["t"])
     assert store.task_groups() == {"g": ["t"]} and store.doc_hashes("t@0123456789abcdef") == {}
+
+
+def _defined(name: str, metrics: tuple[str, ...] | None):
+    """A multiple-choice task whose definition lists ``metrics`` (None: a definition that does not say)."""
+    task = make_task(name, "multiple_choice", MC_CHOICES, MC_GOLD)
+    if metrics is not None:
+        task.spec.metric_names = metrics
+    return task
+
+
+def test_scores_report_exactly_the_metrics_a_task_defines(tmp_path):
+    """lm-eval's winogrande/default.yaml lists acc only; arc_easy lists acc and acc_norm. The store computes
+    acc_norm for both, and shows it only where it is defined: in scores(), ``results --json`` and the export."""
+    from typer.testing import CliRunner
+
+    from hubmerge.cli import app
+
+    store = ResultsStore(tmp_path / "results")
+    wino = store.register_task(_defined("wino_like", ("acc",)))
+    arc = store.register_task(_defined("arc_like", ("acc", "acc_norm")))
+    unknown = store.register_task(_defined("unsaid", None))
+    key = store.register_model(H[:1], name="m")
+    for tkey in (wino, arc, unknown):
+        store.add_logliks(rows_for(key, tkey, LL_A))
+    by_task = {s.task: s for s in store.scores()}
+    assert (by_task["wino_like"].acc, by_task["wino_like"].acc_norm, by_task["wino_like"].metrics) == (
+        0.5,
+        None,
+        ("acc",),
+    )
+    assert (by_task["arc_like"].acc, by_task["arc_like"].acc_norm) == (0.5, 0.75)
+    assert (by_task["unsaid"].acc_norm, by_task["unsaid"].metrics) == (0.75, None)  # unknown: what is computed
+    assert {t["name"]: t["metrics"] for t in store.tasks()}["wino_like"] == ["acc"]
+
+    res = CliRunner().invoke(app, ["results", "--results", str(tmp_path / "results"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["task"]: r for r in json.loads(res.stdout)}
+    assert "acc_norm" not in rows["wino_like"] and rows["wino_like"]["acc"] == 0.5
+    assert "perplexity" not in rows["wino_like"] and "acc_mutual_info" not in rows["arc_like"]
+    assert rows["arc_like"]["acc_norm"] == 0.75 and rows["unsaid"]["acc_norm"] == 0.75
+    table = CliRunner().invoke(app, ["results", "--results", str(tmp_path / "results"), "--tasks", "wino_like"])
+    assert table.exit_code == 0 and "acc_norm" not in table.stdout and "0.5000" in table.stdout
+
+    out = store.export(tmp_path / "scores.csv", table="scores")
+    exported = {r["task"]: r for r in csv.DictReader(out.open())}
+    assert exported["wino_like"]["acc_norm"] == "" and float(exported["arc_like"]["acc_norm"]) == 0.75
+
+    store.register_task(_defined("wino_like", ("acc", "acc_norm")))  # the definition changed: the latest wins
+    assert {s.task: s for s in store.scores()}["wino_like"].acc_norm == 0.75
+    store.register_task(_defined("wino_like", None))  # a registration that does not say keeps what is recorded
+    assert {s.task: s for s in store.scores()}["wino_like"].metrics == ("acc", "acc_norm")
+
+
+def test_a_version_2_store_reads_as_is_and_upgrades_with_unknown_metrics(mc):
+    """A store from before tasks recorded their metrics: ``hubmerge results`` (read-only) reads it unupgraded, a
+    writer upgrades it; its tasks' metrics are NULL, "unknown", and every computed metric is kept."""
+    import duckdb
+
+    store, tkey, ka, _ = mc
+    store.add_logliks(rows_for(ka, tkey, LL_A))
+    con = duckdb.connect(str(store.path))
+    con.execute("ALTER TABLE tasks DROP COLUMN metrics")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    (old,) = ResultsStore(store.path, read_only=True).scores()
+    assert (old.acc, old.acc_norm, old.metrics) == (0.5, 0.75, None)
+    assert ResultsStore(store.path, read_only=True).tasks()[0]["metrics"] is None
+    upgraded = ResultsStore(store.path)
+    (score,) = upgraded.scores()
+    assert (score.acc_norm, score.metrics) == (0.75, None)
+    con = duckdb.connect(str(store.path), read_only=True)
+    assert con.execute("SELECT value FROM meta").fetchall() == [(str(store_mod.SCHEMA_VERSION),)]
+    assert con.execute("SELECT metrics FROM tasks").fetchall() == [(None,)]
+    con.close()
+    upgraded.register_task(_defined("toy_mc", ("acc",)))  # registered again by a run that knows its definition
+    assert upgraded.scores()[0].acc_norm is None
 
 
 def test_readers_wait_for_a_writer_between_batches(mc):

@@ -69,6 +69,47 @@ def test_sweep_scores_every_series_and_recommends(swept):
     assert json.loads((out / "report" / "recommendation.json").read_text()) == rec
 
 
+def test_the_recommendation_says_how_sure_it_is(swept, trajectory):
+    """How many examples the pick rests on, its score's standard error (lm-eval's acc_stderr), 95% bootstrap
+    intervals of the instability of its size and of the size it is compared with, and the paired difference
+    from the last raw checkpoint: each checked against a computation made here."""
+    import math
+
+    import numpy as np
+
+    _, _, report = swept
+    _, pairs = trajectory
+    comp, rec = report.comparison, report.recommendation
+    n = len(pairs.read_text().splitlines())  # 7 paradigms x 6 pairs, every one loaded and scored
+    assert rec["n_examples"] == {"blimp": n} and rec["n_examples_total"] == n
+    p = rec["mean_score"]  # one task, the pooled group: its accuracy over the n pooled examples
+    assert rec["stderr"]["blimp"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12)
+    assert rec["mean_score_stderr"] == pytest.approx(rec["stderr"]["blimp"], rel=1e-12)
+
+    low, high = rec["instability_interval"]
+    assert low <= rec["instability"] <= high and low < high
+    other = rec["compared"]
+    assert other["window_size"] in (2, 3) and other["window_size"] != rec["window_size"]
+    assert other["role"] in ("lowest", "runner-up")
+    assert other["instability"] == pytest.approx(comp.averaged[other["window_size"]].tasks["blimp"].flip_rate)
+    assert other["instability_interval"][0] <= other["instability"] <= other["instability_interval"][1]
+    assert "bootstrap" in rec["interval"] and "1000 resamples, seed 0" in rec["interval"]
+    again = recommend(comp, ["blimp"])  # a fixed seed: the same intervals every time
+    assert again["instability_interval"] == rec["instability_interval"] and again["compared"] == other
+
+    vs = rec["versus_last"]
+    last = float(comp.raw.scores["blimp"][-1])
+    assert vs["checkpoint"] == comp.raw.labels[-1] == "step24" and vs["n_examples"] == n
+    assert vs["last_score"] == pytest.approx(last) and vs["difference"] == pytest.approx(p - last, abs=1e-12)
+    lo, hi = vs["interval"]
+    assert lo <= vs["difference"] <= hi
+    assert vs["distinguishable"] == (lo > 0 or hi < 0)
+    # the paired standard error: lm-eval's acc_stderr of the per-example differences (window minus last)
+    i = comp.averaged[rec["window_size"]].labels.index(rec["window"])
+    diff = comp.averaged[rec["window_size"]].examples["blimp"].correct[i] - comp.raw.examples["blimp"].correct[-1]
+    assert vs["stderr"] == pytest.approx(np.std(diff, ddof=1) / math.sqrt(n), rel=1e-12)
+
+
 def test_sweep_pools_a_group_and_plots_it_instead_of_its_paradigms(swept):
     _, _, report = swept
     comp = report.comparison
@@ -118,6 +159,9 @@ def test_recommendation_prefers_low_instability_then_score():
     comp = compare(series([0.5, 0.7, 0.5, 0.7]), {2: series([0.6, 0.62, 0.6]), 4: series([0.9])})
     rec = recommend(comp)
     assert rec["window_size"] == 2 and rec["window"] == "w1"  # size 4 has one window: no instability to measure
+    # aggregate scores only: nothing to count examples or resample from, and nothing invented
+    assert rec["n_examples_total"] is None and rec["mean_score_stderr"] is None
+    assert rec["instability_interval"] is None and rec["compared"] is None
 
 
 def test_sweep_command_and_missing_blocks(tmp_path, swept, trajectory):
@@ -125,6 +169,8 @@ def test_sweep_command_and_missing_blocks(tmp_path, swept, trajectory):
     res = runner.invoke(app, ["sweep", str(recipe), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "recommended:" in res.output and "average w=2" in res.output
+    assert "rests on 42 examples (blimp 42), standard error" in res.output
+    assert "versus the last checkpoint step24" in res.output and "95% bootstrap" in res.output
     assert "sweep: blimp" in res.output and "sweep: blimp_" not in res.output  # the pooled row, not 7 paradigms
     ckpts, _ = trajectory
     bad = tmp_path / "bad.yaml"

@@ -10,9 +10,13 @@ import pytest
 from hubmerge.stability.metrics import (
     bootstrap_interval,
     flip_rate,
+    mean_flip_rate_interval,
     mean_stderr,
     mean_total_variation,
+    paired_difference,
     series_intervals,
+    stratified_bootstrap_interval,
+    tasks_mean_stderr,
 )
 
 
@@ -54,3 +58,28 @@ def test_series_intervals_bracket_the_point_estimates():
     # constant correctness: nothing moves on any draw
     still = np.ones((3, 10), dtype=int)
     assert series_intervals(still, None, np.ones_like(still, dtype=bool))["flip_rate"] == (0.0, 0.0)
+
+
+def test_stratified_bootstrap_and_the_sweeps_combinations():
+    """One stratum draws what bootstrap_interval draws; the mean over tasks of independent means has standard
+    error sqrt(Σ se²)/T; a paired difference is computed on per-example differences."""
+    rng = np.random.default_rng(5)
+    x = rng.random(50)
+    assert stratified_bootstrap_interval(lambda idx: x[idx[0]].mean(), [50]) == bootstrap_interval(
+        lambda idx: x[idx].mean(), 50
+    )
+    assert tasks_mean_stderr([0.03, 0.04]) == pytest.approx(0.05 / 2)
+    assert math.isnan(tasks_mean_stderr([0.03, math.nan])) and math.isnan(tasks_mean_stderr([]))
+    a1, b1 = np.array([1, 1, 0, 1, 1, 0.0]), np.array([0, 1, 0, 0, 1, 0.0])  # +2/6
+    a2, b2 = np.array([1, 0, 1, 0.0]), np.array([1, 0, 1, 0.0])  # identical: 0
+    d = paired_difference([(a1, b1), (a2, b2)])
+    assert d.difference == pytest.approx((2 / 6 + 0) / 2) and d.n_examples == 10
+    assert d.stderr == pytest.approx(math.sqrt(mean_stderr(a1 - b1) ** 2 + 0.0) / 2)
+    assert d.interval[0] <= d.difference <= d.interval[1]
+    assert d.distinguishable == (d.interval[0] > 0 or d.interval[1] < 0)
+    assert not paired_difference([(a2, b2)]).distinguishable  # no difference on any draw: [0, 0] holds 0
+    c1 = (rng.random((5, 40)) < 0.5).astype(float)
+    c2 = (rng.random((5, 30)) < 0.7).astype(float)
+    lo, hi = mean_flip_rate_interval([(c1, None), (c2, None)])
+    assert lo <= (flip_rate(c1) + flip_rate(c2)) / 2 <= hi
+    assert (lo, hi) == mean_flip_rate_interval([(c1, None), (c2, None)])

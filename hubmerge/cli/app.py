@@ -198,17 +198,30 @@ def merge(
     device: Annotated[str, typer.Option(help="Where to accumulate: cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="Torch compute threads (1 is fastest for this memory-bound loop).")] = 1,
     stream: Stream = None,
+    use_ray: Annotated[
+        bool, typer.Option("--ray", help="Write the output's shards from Ray tasks, one per shard (bit-identical).")
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Address of a running Ray cluster (implies --ray; default: RAY_ADDRESS).")
+    ] = None,
+    ray_cpus_per_task: Annotated[float, typer.Option(help="CPUs each shard's Ray task asks for.")] = 1.0,
+    ray_gpus_per_task: Annotated[
+        float | None, typer.Option(help="GPUs each shard's Ray task asks for (default: 1 with --device cuda, else 0).")
+    ] = None,
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first,
-    or streamed by range requests with --stream)."""
-    from hubmerge.merging.executor import execute
+    or streamed by range requests with --stream; --ray writes its shards on a Ray cluster)."""
+    from hubmerge.merging.distributed import RayMerge, import_ray
     from hubmerge.merging.recipe import load_recipe
-    from hubmerge.workflows.merge import finish_merge, plan_merge
+    from hubmerge.workflows.merge import finish_merge, plan_merge, run_merge
 
     device = _device(device)
+    ray = RayMerge(ray_address, ray_cpus_per_task, ray_gpus_per_task) if use_ray or ray_address else None
+    if ray is not None and not dry_run:
+        import_ray()  # without the extra, say so before pulling anything
     doc = load_recipe(recipe)
     client = _client(endpoint)
     streamed = _streamed(doc, stream)
@@ -222,7 +235,7 @@ def merge(
         return
     if not quiet and not as_json:
         _show_plan(plan, False)
-    result = execute(plan, force=force, display=display, threads=threads)
+    result = run_merge(plan, force=force, display=display, threads=threads, ray=ray)
     outcome = finish_merge(doc, plan, result, client, display=display)
     pushed = outcome.pushed
     if outcome.evaluation is not None and not as_json:
@@ -383,9 +396,9 @@ def push(
     quiet: Quiet = False,
 ) -> None:
     """Upload a merged folder to a Hub repo in one commit and print the commit URL."""
-    from hubmerge.hub.push import push as run_push
+    from hubmerge.workflows.card import push_merge
 
-    result = run_push(
+    result = push_merge(
         folder, repo, _client(endpoint), branch=branch, private=private, create_pr=create_pr, message=message
     )
     if as_json:
@@ -533,7 +546,7 @@ def results(
     """Show (and export) what the results store holds: per (model, task) scores."""
     if ctx.invoked_subcommand is not None:
         return
-    from hubmerge.cli.render import render_scores
+    from hubmerge.cli.render import render_scores, scores_json
     from hubmerge.results.store import ResultsStore
 
     store = ResultsStore(results_dir, read_only=True)
@@ -544,7 +557,7 @@ def results(
         return
     rows = store.scores(names)
     if as_json:
-        out.print_json(data=[r.__dict__ for r in rows])
+        out.print_json(data=scores_json(rows))
         return
     render_scores(rows, f"results in {store.path}", out)
 
@@ -666,13 +679,16 @@ def card(
     folder: Annotated[Path, typer.Argument(help="A merged model folder (with hubmerge.json).")],
     results_dir: Results = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all stored for it).")] = None,
-    license_: Annotated[str | None, typer.Option("--license", help="License id, if the sources' is unknown.")] = None,
+    license_: Annotated[
+        str | None, typer.Option("--license", help="License id (default: the sources' own, from the Hub card).")
+    ] = None,
+    endpoint: Endpoint = None,
 ) -> None:
     """Write the stability model card (README.md) of a merge from the results store."""
     from hubmerge.workflows.card import write_card_from_store
 
     names = [t.strip() for t in tasks.split(",")] if tasks else None
-    path = write_card_from_store(folder, results_dir, names, license=license_)
+    path = write_card_from_store(folder, results_dir, names, license=license_, client=_client(endpoint))
     out.print(f"wrote {path}")
 
 
@@ -715,10 +731,14 @@ def sweep(
         out.print("[dim]each paradigm's rows are in stability.csv / stability.json[/dim]")
     rec = report.recommendation
     if "window" in rec:
+        from hubmerge.cli.render import recommendation_evidence
+
         out.print(
             f"[bold]recommended:[/bold] window size {rec['window_size']}, {rec['window']} "
             f"(mean score {rec['mean_score']:.4f}); {rec['how']}"
         )
+        for line in recommendation_evidence(rec):
+            out.print(f"  {line}", highlight=False)
     else:
         out.print(rec["how"])
     out.print("wrote " + ", ".join(str(p) for p in report.files))

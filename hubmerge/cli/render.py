@@ -19,7 +19,7 @@ from hubmerge.io.sizes import format_size
 from hubmerge.merging.plan import MergePlan
 from hubmerge.merging.sweep import SweepPlan
 from hubmerge.results.keys import task_key
-from hubmerge.results.store import Score
+from hubmerge.results.store import SCORE_METRICS, Score
 from hubmerge.stability.report import Comparison, TaskStability
 
 if TYPE_CHECKING:
@@ -122,10 +122,13 @@ def render_revisions(revs: list[Revision], title: str, console: Console) -> None
 
 
 def render_scores(rows: list[Score], title: str, console: Console) -> None:
-    """``hubmerge results``: one line per (model, task) with its metrics."""
+    """``hubmerge results``: one line per (model, task) with its metrics ("-" where a task does not define one;
+    the acc_norm and acc_mutual_info columns only where some task has them)."""
     view = Table(title=title, title_justify="left")
+    norm = any(r.acc_norm is not None for r in rows)
     mutual_info = any(r.acc_mutual_info is not None for r in rows)
-    cols = ("task", "model", "step", "n", "acc", "acc_norm", *(("acc_mutual_info",) * mutual_info), "perplexity")
+    extra = (*(("acc_norm",) * norm), *(("acc_mutual_info",) * mutual_info))
+    cols = ("task", "model", "step", "n", "acc", *extra, "perplexity")
     for c in (*cols, "bits/byte"):
         view.add_column(c, justify="left" if c in ("task", "model") else "right")
     for r in rows:
@@ -136,7 +139,7 @@ def render_scores(rows: list[Score], title: str, console: Console) -> None:
             "-" if r.step is None else str(r.step),
             f"{r.n}/{r.n_examples}",
             _fmt(r.acc),
-            _fmt(r.acc_norm),
+            *([_fmt(r.acc_norm)] if norm else []),
             *([_fmt(r.acc_mutual_info)] if mutual_info else []),
             _fmt(ppl, 2),
             _fmt(r.bits_per_byte),
@@ -151,29 +154,24 @@ def _choice_metrics(task: Any) -> list[str]:
     return [m for m in ("acc", "acc_norm", "acc_mutual_info") if m in task.spec.metric_names] or ["acc"]
 
 
-SCORE_METRICS = (
-    "acc",
-    "acc_norm",
-    "acc_mutual_info",
-    "perplexity",
-    "word_perplexity",
-    "byte_perplexity",
-    "bits_per_byte",
-)
+def scores_json(rows: Sequence[Score]) -> list[dict[str, Any]]:
+    """``hubmerge results --json``: each score with exactly the metrics its task defines (as the store recorded
+    them; every metric computed where it did not), as ``hubmerge eval --json`` gives them."""
+    out = []
+    for s in rows:
+        row = dict(s.__dict__)
+        for m in SCORE_METRICS if s.metrics is not None else ():
+            if m not in s.metrics:
+                row.pop(m)
+        out.append(row)
+    return out
 
 
 def results_json(result: EvalResult) -> dict[str, Any]:
     """``hubmerge eval --json``: every score and ensemble with exactly the metrics its task defines (BLiMP and
     WinoGrande: ``acc`` only, as in lm-eval)."""
     defined = {task_key(t.spec.name, t.data_hash): set(t.spec.metric_names) for t in result.plan.tasks}
-    scores = []
-    for s in result.scores:
-        metrics = defined.get(s.task_key)
-        row = dict(s.__dict__)
-        for m in SCORE_METRICS if metrics is not None else ():
-            if m not in metrics:
-                row.pop(m)
-        scores.append(row)
+    scores = scores_json(result.scores)  # the store recorded each task's metric_names when the run registered it
     keys = ("label", "task", "n", "probability", "majority", "probability_norm", "majority_norm", "member_labels")
     ensembles = []
     for e in result.ensembles:
@@ -273,6 +271,39 @@ def render_comparison(comparison: Comparison, console: Console, title: str, task
             name = f"{task} ({ts.metric})" if raw_only else series
             table.add_row(name, str(ts.n_points), *cells, *([_drop_where(ts)] if raw_only else []))
         console.print(table)
+
+
+def _interval(iv: Sequence[float | None] | None) -> str:
+    return "-" if not iv or None in iv else f"[{iv[0]:.4f}, {iv[1]:.4f}]"
+
+
+def recommendation_evidence(rec: Mapping[str, Any]) -> list[str]:
+    """The lines under ``recommended:``: how many examples the choice rests on, the score's standard error, the
+    instability intervals, and whether the window beats the last checkpoint beyond the examples' noise."""
+    lines = []
+    n = rec.get("n_examples_total")
+    se = rec.get("mean_score_stderr")
+    if n is not None:
+        per_task = ", ".join(f"{t} {k}" for t, k in (rec.get("n_examples") or {}).items())
+        error = f", standard error {se:.4f}" if se is not None else ""
+        lines.append(f"rests on {n} examples ({per_task}){error}")
+    if rec.get("instability_interval") is not None:
+        line = f"flip rate {rec['instability']:.4f} {_interval(rec['instability_interval'])}"
+        other = rec.get("compared")
+        if other is not None:
+            line += (
+                f"; {other['role']} size {other['window_size']}: {other['instability']:.4f} "
+                f"{_interval(other.get('instability_interval'))}"
+            )
+        lines.append(line + " (95% bootstrap)")
+    vs = rec.get("versus_last")
+    if vs is not None:
+        verdict = "distinguishable" if vs["distinguishable"] else "not distinguishable from it"
+        lines.append(
+            f"versus the last checkpoint {vs['checkpoint']} ({vs['last_score']:.4f}): {vs['difference']:+.4f} "
+            f"{_interval(vs['interval'])} over {vs['n_examples']} paired examples, {verdict}"
+        )
+    return lines
 
 
 def render_import(report: ImportReport, console: Console) -> None:

@@ -240,6 +240,20 @@ class HubClient:
                 )
             )
 
+    def card_license(self, repo: str, revision: str | None = None) -> dict[str, str]:
+        """``license`` (with ``license_name``/``license_link`` for ``other``) as the repo's card states it on the Hub,
+        at ``revision`` and else on the default branch (a checkpoint branch may predate the card); empty
+        when neither states one. A Hub that cannot be reached is a HubError, so a caller can say it did not check.
+        """
+        keys = ("license", "license_name", "license_link")
+        for rev in dict.fromkeys([revision, None]):
+            with self.errors(repo, rev, "read the model card of"):
+                info = self.retry(self.api.model_info, repo, revision=rev)
+            data = info.card_data.to_dict() if info.card_data is not None else {}
+            if isinstance(data.get("license"), str) and data["license"]:
+                return {k: data[k] for k in keys if isinstance(data.get(k), str) and data[k]}
+        return {}
+
     def branches(self, repo: str) -> list[tuple[str, str | None]]:
         """``(name, commit)`` of every branch of a model repo (tags and PR refs are not checkpoints)."""
         with self.errors(repo, action="list the branches of"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,17 @@ def default_message(folder: Path) -> str:
     return f"hubmerge: {prov.get('name')} ({prov.get('method')} of {len(sources)} checkpoints{origin}, {span})"
 
 
+def published_files(folder: Path) -> list[str]:
+    """The folder's files a push uploads, as paths relative to it: all but hidden ones (``.cache/``, ``.git``) and
+    a writer's partials."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")) and TEMP_SUFFIX not in rel:
+            out.append(rel)
+    return out
+
+
 def push(
     folder: str | Path,
     repo: str,
@@ -44,8 +55,16 @@ def push(
     private: bool = False,
     create_pr: bool = False,
     message: str | None = None,
+    replace: Mapping[str, bytes] | None = None,
 ) -> PushResult:
-    """Create the repo (and branch) if needed and upload the folder in a single commit."""
+    """Create the repo (and branch) if needed and upload the folder in a single commit.
+
+    ``replace`` maps a file's path in the folder to the bytes published instead (the workflow's publishable
+    ``hubmerge.json``: the folder's own copy keeps the local paths later commands need). Hidden files and folders
+    and the writer's partials are never published.
+    """
+    from huggingface_hub import CommitOperationAdd
+
     folder = Path(folder)
     if not (folder / PROVENANCE_FILE).is_file() and not (folder / "config.json").is_file():
         raise SourceError(
@@ -56,13 +75,13 @@ def push(
         api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         if branch and branch != "main":
             api.create_branch(repo, branch=branch, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            repo_id=repo,
-            folder_path=folder,
-            revision=branch,
+        info = api.create_commit(
+            repo,
+            [CommitOperationAdd(rel, (replace or {}).get(rel, folder / rel)) for rel in published_files(folder)],
             commit_message=message or default_message(folder),
+            revision=branch,
             create_pr=create_pr,
-            ignore_patterns=[f"*{TEMP_SUFFIX}*", ".*"],
+            repo_type="model",
         )
     return PushResult(repo, branch, info.commit_url, info.pr_url, info.oid)
 

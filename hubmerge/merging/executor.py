@@ -657,6 +657,50 @@ def finish_output(
     return files
 
 
+def write_pass(
+    p: Pass,
+    folders: dict[str, Path],
+    accs: list[torch.Tensor],
+    bar: Reporter,
+    describe: Callable[[int], str] | None = None,
+) -> tuple[dict[Path, str], NonFinite, int]:
+    """Read the sources ``p`` needs once and write every window's shards into ``folders`` (already made); the
+    shards' sha256s by path, what the non-finite checks found, and the bytes read.
+
+    Nothing is committed here: :func:`run_pass` finishes and renames each folder, and a Ray merge's driver does
+    the same once every task's shards are in (:mod:`hubmerge.merging.distributed`), so both write the same bytes.
+    """
+    import torch
+
+    chunk = p.chunk_elems
+    read_buffers = [torch.empty(chunk * p.in_itemsize, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
+    write_buffers = [torch.empty(chunk * p.out_itemsize, dtype=torch.uint8) for _ in range(p.write_buffers)]
+    tmp = torch.empty(min(chunk, p.block_elems), dtype=torch.float32)
+    checks = NonFinite(p.nonfinite, p.sources)
+    jobs: Iterable[Job] = read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk)
+    if p.open_reader is None:
+        source: SourceReader = LocalReaders(p.checkpoints, p.sources)  # any order: the jobs stay a generator
+    else:
+        jobs = list(jobs)  # a stream schedules its range reads from the whole list
+        source = p.open_reader(p.checkpoints, jobs)
+    shard_writer = PositionalShard if p.positional else WriteBehindShard if p.write_behind else ShardWriter
+    reader = _Reader(source, jobs, read_buffers)
+    writer = _Writer(write_buffers, shard_writer)
+    reader.start()
+    writer.start()
+    try:
+        _stream(p, folders, reader, writer, accs, tmp, bar, describe, checks)
+        reader.check()  # every source verified before anything is committed
+    finally:
+        reader.stop.set()
+        source.abort()
+        writer.todo.put(_STOP)
+        writer.join()
+    if writer.error is not None:
+        raise writer.error
+    return writer.hashes, checks, reader.bytes_read
+
+
 def run_pass(
     p: Pass, accs: list[torch.Tensor], bar: Reporter, describe: Callable[[int], str] | None = None
 ) -> tuple[list[WindowFiles], int]:
@@ -666,46 +710,19 @@ def run_pass(
     arithmetic runs on. Each window is built in a hidden folder and renamed into place only when every one of
     the pass's windows is complete; an error or interruption leaves none of them.
     """
-    import torch
-
-    chunk = p.chunk_elems
-    read_buffers = [torch.empty(chunk * p.in_itemsize, dtype=torch.uint8) for _ in range(READ_BUFFERS)]
-    write_buffers = [torch.empty(chunk * p.out_itemsize, dtype=torch.uint8) for _ in range(p.write_buffers)]
-    tmp = torch.empty(min(chunk, p.block_elems), dtype=torch.float32)
-    checks = NonFinite(p.nonfinite, p.sources)
     with ExitStack() as stack:
         dirs = {w.name: OutputDir(p.plans[w.name].output, force=p.force) for w in p.windows}
         folders = {name: stack.enter_context(d) for name, d in dirs.items()}
-        jobs: Iterable[Job] = read_jobs(p.processing_order, p.checkpoints, needed_sources(p.windows), chunk)
-        if p.open_reader is None:
-            source: SourceReader = LocalReaders(p.checkpoints, p.sources)  # any order: the jobs stay a generator
-        else:
-            jobs = list(jobs)  # a stream schedules its range reads from the whole list
-            source = p.open_reader(p.checkpoints, jobs)
-        shard_writer = PositionalShard if p.positional else WriteBehindShard if p.write_behind else ShardWriter
-        reader = _Reader(source, jobs, read_buffers)
-        writer = _Writer(write_buffers, shard_writer)
-        reader.start()
-        writer.start()
-        try:
-            _stream(p, folders, reader, writer, accs, tmp, bar, describe, checks)
-            reader.check()  # every source verified before anything is committed
-        finally:
-            reader.stop.set()
-            source.abort()
-            writer.todo.put(_STOP)
-            writer.join()
-        if writer.error is not None:
-            raise writer.error
+        shard_hashes, checks, bytes_read = write_pass(p, folders, accs, bar, describe)
         outputs = []
         for w in p.windows:
             plan, folder = p.plans[w.name], folders[w.name]
-            hashes = {path.name: h for path, h in writer.hashes.items() if path.parent == folder}
+            hashes = {path.name: h for path, h in shard_hashes.items() if path.parent == folder}
             record = checks.record(w)
             files = finish_output(plan, folder, hashes, record)
             dirs[w.name].commit()
             outputs.append(WindowFiles(w, plan.output, files, record))
-        return outputs, reader.bytes_read
+        return outputs, bytes_read
 
 
 def check_device(device: str) -> Any:
@@ -729,15 +746,10 @@ def note_dead_partials(removed: Iterable[tuple[Path, int]], display: Display) ->
         display.note(f"removed a partial output left by a killed run (pid {pid}): {path}")
 
 
-def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, threads: int = 1) -> MergeResult:
-    """Carry out a plan as a pass of one window; the output appears at ``plan.output`` only if every step succeeded."""
-    import torch
-
-    began = time.perf_counter()
-    device = check_device(plan.device)
-    n = len(plan.sources)
-    window = Window(0, n, plan.output.name, tuple(plan.weights))
-    p = Pass(
+def merge_pass(plan: MergePlan, *, force: bool = False) -> Pass:
+    """A merge as a pass of one window over all its sources, named after the output folder."""
+    window = Window(0, len(plan.sources), plan.output.name, tuple(plan.weights))
+    return Pass(
         plan.checkpoints,
         plan.sources,
         [window],
@@ -750,6 +762,16 @@ def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, t
         open_reader=plan.stream.open_reader if plan.stream else None,
         nonfinite=plan.nonfinite,
     )
+
+
+def execute(plan: MergePlan, *, force: bool = False, display: Display = QUIET, threads: int = 1) -> MergeResult:
+    """Carry out a plan as a pass of one window; the output appears at ``plan.output`` only if every step succeeded."""
+    import torch
+
+    began = time.perf_counter()
+    device = check_device(plan.device)
+    n = len(plan.sources)
+    p = merge_pass(plan, force=force)
     note_dead_partials(remove_dead_partials(plan.output), display)
     with torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32, device=device)]

@@ -155,7 +155,7 @@ def read_run(path: str | Path) -> LmEvalRun:
         config = configs.get(name) if isinstance(configs.get(name), Mapping) else {}
         metrics = tuple(
             str(m.get("metric")) for m in config.get("metric_list") or [] if isinstance(m, Mapping) and m.get("metric")
-        )
+        ) or _reported_metrics(data["results"][name])
         effective = (n_samples.get(name) or {}).get("effective") if isinstance(n_samples.get(name), Mapping) else None
         tasks[str(name)] = RunTask(
             str(name),
@@ -172,6 +172,15 @@ def read_run(path: str | Path) -> LmEvalRun:
     return LmEvalRun(
         path, date, version, pretrained, revision, commit, tasks, groups, _samples_of(path, date, list(tasks))
     )
+
+
+def _reported_metrics(raw: Any) -> tuple[str, ...]:
+    """The metrics a task's ``results`` entry reports (``acc,none`` -> ``acc``; stderrs and labels left out): what
+    the task defines where the file keeps no config of it."""
+    if not isinstance(raw, Mapping):
+        return ()
+    names = (str(k).split(",", 1)[0] for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool))
+    return tuple(dict.fromkeys(n for n in names if not n.endswith("_stderr")))
 
 
 def _samples_of(results: Path, date: str, tasks: list[str]) -> dict[str, Path]:

@@ -59,7 +59,10 @@ from hubmerge.results.keys import model_key, task_key
 if TYPE_CHECKING:
     from duckdb import DuckDBPyConnection
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Read-only opens (``hubmerge results``) accept stores this old unupgraded: version 2 lacks only ``tasks.metrics``,
+# which reads as NULL ("unknown"), so a store nobody has written to since the upgrade still shows its scores.
+READABLE_FROM = 2
 RESULTS_FILE = "results.duckdb"
 KINDS = ("multiple_choice", "minimal_pairs", "cloze", "perplexity")
 LOGLIK_COLUMNS = ("model_key", "task_key", "doc_id", "choice", "logprob", "is_greedy", "n_tokens")
@@ -74,7 +77,7 @@ CREATE TABLE models (
 CREATE TABLE model_names (name VARCHAR NOT NULL, model_key VARCHAR NOT NULL, PRIMARY KEY (name, model_key));
 CREATE TABLE tasks (
     task_id INTEGER PRIMARY KEY, task_key VARCHAR UNIQUE NOT NULL, name VARCHAR NOT NULL, kind VARCHAR NOT NULL,
-    data_hash VARCHAR NOT NULL, source VARCHAR, n_examples INTEGER);
+    data_hash VARCHAR NOT NULL, source VARCHAR, n_examples INTEGER, metrics VARCHAR[]);
 CREATE TABLE docs (
     task_id INTEGER, doc_id INTEGER, gold INTEGER, n_choices INTEGER, words INTEGER, bytes BIGINT, doc_hash VARCHAR);
 CREATE TABLE choices (task_id INTEGER, doc_id INTEGER, choice INTEGER, chars INTEGER);
@@ -110,8 +113,15 @@ def _v1_to_v2(con: DuckDBPyConnection) -> None:
     )
 
 
+def _v2_to_v3(con: DuckDBPyConnection) -> None:
+    """Version 3 records the metrics each task defines (``tasks.metrics``), so ``scores()`` reports exactly those
+    (WinoGrande: ``acc`` only). Tasks stored before stay NULL, "unknown": every metric computed is kept until the
+    task is registered again."""
+    con.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS metrics VARCHAR[]")
+
+
 # Upgrades of older stores: _MIGRATIONS[v] turns schema version v into v + 1 inside the open transaction.
-_MIGRATIONS: dict[int, Any] = {1: _v1_to_v2}
+_MIGRATIONS: dict[int, Any] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def default_results_dir() -> Path:
@@ -213,7 +223,21 @@ class Score:
     word_perplexity: float | None = None
     byte_perplexity: float | None = None
     bits_per_byte: float | None = None
+    # The metrics the task defines (its YAML's, or those the lm-eval file reports); None: unknown (a task stored
+    # before stores recorded them), and every metric computed is shown. Metrics outside it are None above.
+    metrics: tuple[str, ...] | None = None
 
+
+# The metric fields of a Score, in the order tables show them.
+SCORE_METRICS = (
+    "acc",
+    "acc_norm",
+    "acc_mutual_info",
+    "perplexity",
+    "word_perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
 
 _SCORE_TYPES = {
     "model_key": "VARCHAR",
@@ -348,6 +372,7 @@ class ResultsStore:
         self._depth = 0
         self._in_transaction = False
         self._checked = False
+        self._task_metrics = True  # the tasks table has its metrics column (false: a version-2 store read as is)
         self._tasks: dict[int, TaskArrays] = {}
         if read_only and not self.path.is_file():
             raise StoreError(f"no results store at {self.path}; run `hubmerge eval` first or point at another folder")
@@ -478,9 +503,12 @@ class ResultsStore:
             )
         if version == SCHEMA_VERSION:
             return
+        if self.read_only and version >= READABLE_FROM:
+            self._task_metrics = False  # read as it is: no task's metrics are known
+            return
         if self.read_only:
             raise StoreError(
-                f"{self.path}: results schema {version} is older than {SCHEMA_VERSION}; run any writing command "
+                f"{self.path}: results schema {version} is older than {READABLE_FROM}; run any writing command "
                 "(e.g. `hubmerge eval`) once to upgrade it"
             )
         missing = [v for v in range(version, SCHEMA_VERSION) if v not in _MIGRATIONS]
@@ -554,7 +582,8 @@ class ResultsStore:
         """Record a task's examples (an evaluation ``TaskData``); returns its key. Re-registering adds new examples.
 
         Typed loosely on purpose: the store sits below the evaluation engine and reads only ``spec``, ``examples``,
-        ``data_hash`` and ``source``.
+        ``data_hash`` and ``source``; ``spec.metric_names`` (what the definition reports) is recorded as the task's
+        metrics, so ``scores()`` shows no metric the task does not define.
         """
         spec = task.spec
         n_choices, chars, words, n_bytes = [], [], [], []
@@ -582,6 +611,7 @@ class ResultsStore:
             words=words,
             n_bytes=n_bytes,
             doc_hashes=getattr(task, "doc_hashes", None),
+            metrics=getattr(spec, "metric_names", None),
         )
 
     def register_task_arrays(
@@ -598,10 +628,13 @@ class ResultsStore:
         words: Sequence[int] | np.ndarray,
         n_bytes: Sequence[int] | np.ndarray,
         doc_hashes: Sequence[str | None] | None = None,
+        metrics: Sequence[str] | None = None,
     ) -> str:
         """Record a task from arrays (one entry per example; ``chars`` one per choice, examples in order).
 
-        Re-registering adds new examples only; an example already stored keeps its record.
+        Re-registering adds new examples only; an example already stored keeps its record. ``metrics``: the metric
+        names the task defines (``acc``, ``acc_norm``, ...); the latest registration that gives them wins, and
+        None (unknown) keeps what is recorded.
         """
         if kind not in KINDS:
             raise StoreError(f"task {name}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -633,12 +666,17 @@ class ResultsStore:
         }
         with self._transaction() as con:
             row = con.execute("SELECT task_id FROM tasks WHERE task_key = ?", [key]).fetchall()
+            names = None if metrics is None else [str(m) for m in metrics]
             if row:
                 task_id = row[0][0]
+                if names is not None:
+                    con.execute("UPDATE tasks SET metrics = ? WHERE task_id = ?", [names, task_id])
             else:
                 (task_id,) = con.execute("SELECT coalesce(max(task_id), 0) + 1 FROM tasks").fetchall()[0]
                 con.execute(
-                    "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, 0)", [task_id, key, name, kind, data_hash, source]
+                    "INSERT INTO tasks (task_id, task_key, name, kind, data_hash, source, n_examples, metrics) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                    [task_id, key, name, kind, data_hash, source, names],
                 )
             con.register("new_docs", new_docs)
             con.register("new_choices", new_choices)
@@ -784,13 +822,20 @@ class ResultsStore:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def tasks(self) -> list[dict[str, Any]]:
-        """Every stored task (name, kind, key, data hash, source, number of examples)."""
+        """Every stored task (name, kind, key, data hash, source, number of examples, the metrics it defines or
+        None where unknown)."""
         with self._db() as con:
             rows = con.execute(
-                "SELECT task_key, name, kind, data_hash, source, n_examples FROM tasks ORDER BY name, task_id"
+                f"SELECT task_key, name, kind, data_hash, source, n_examples, {self._metrics_sql} FROM tasks "
+                "ORDER BY name, task_id"
             ).fetchall()
-        cols = ("task_key", "name", "kind", "data_hash", "source", "n_examples")
+        cols = ("task_key", "name", "kind", "data_hash", "source", "n_examples", "metrics")
         return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    @property
+    def _metrics_sql(self) -> str:
+        """The tasks' metrics column, or NULL in a version-2 store read as it is."""
+        return "metrics" if self._task_metrics else "NULL::VARCHAR[] AS metrics"
 
     def _model_ids(self, con: DuckDBPyConnection, refs: Iterable[str], *, one: bool = False) -> list[int]:
         """Model ids for content keys or names (a name may have been given to several contents over time)."""
@@ -1110,7 +1155,11 @@ class ResultsStore:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def scores(self, task: str | Sequence[str] | None = None, models: Sequence[str] | None = None) -> list[Score]:
-        """acc / acc_norm (and perplexities) per (model, task) over the stored examples, by task then step."""
+        """acc / acc_norm (and perplexities) per (model, task) over the stored examples, by task then step.
+
+        Only the metrics a task defines have values (``tasks.metrics``; all computed where that is unknown): the
+        store computes acc_norm for every choice task, but a WinoGrande score has none, as in lm-eval.
+        """
         tasks_ref = [task] if isinstance(task, str) else task
         with self._db() as con:
             task_ids = None if tasks_ref is None else self._task_ids(con, tasks_ref)
@@ -1138,7 +1187,9 @@ class ResultsStore:
             }
             meta_t = {
                 r[0]: r[1:]
-                for r in con.execute("SELECT task_id, name, task_key, kind, n_examples FROM tasks").fetchall()
+                for r in con.execute(
+                    f"SELECT task_id, name, task_key, kind, n_examples, {self._metrics_sql} FROM tasks"
+                ).fetchall()
             }
         found: dict[tuple[int, int], dict[str, Any]] = {}
         for model_id, task_id, n, a, an in acc:
@@ -1156,10 +1207,13 @@ class ResultsStore:
         out = []
         for (model_id, task_id), entry in found.items():
             mkey, label, step = meta_m[model_id]
-            name, tkey, kind, n_examples = meta_t[task_id]
+            name, tkey, kind, n_examples, defined = meta_t[task_id]
             if kind == "minimal_pairs":  # lm-eval defines acc only; a length-normalised pair score is no metric of it
                 entry.pop("acc_norm", None)
-            out.append(Score(mkey, label, step, name, tkey, kind, n_examples=n_examples, **entry))
+            if defined is not None:  # computed is not defined: WinoGrande has acc_norm computed, lm-eval reports acc
+                entry = {k: v for k, v in entry.items() if k not in SCORE_METRICS or k in defined}
+            metrics = None if defined is None else tuple(defined)
+            out.append(Score(mkey, label, step, name, tkey, kind, n_examples=n_examples, metrics=metrics, **entry))
         out.sort(key=lambda s: (s.task, s.task_key, s.step is None, s.step or 0, s.model))
         return out
 

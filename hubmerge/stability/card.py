@@ -57,8 +57,7 @@ from hubmerge.stability.metrics import (
     mean_total_variation,
     series_intervals,
 )
-from hubmerge.stability.plots import plot_scores
-from hubmerge.stability.report import StabilityReport
+from hubmerge.stability.plots import WindowSeries, plot_window
 from hubmerge.stability.series import choice_series
 
 if TYPE_CHECKING:
@@ -103,6 +102,8 @@ class CardEvidence:
     folder as ``stability.<ext>``; ``task_sources`` says where each task's data came from. ``stderr`` holds each
     score's standard error over examples (lm-eval's ``acc_stderr``), ``intervals`` the 95% bootstrap interval of
     each instability figure, ``groups`` the task groups whose pooled rows lead the tables (members below).
+    ``steps`` is each source's training step (None where unknown: a local folder), so the plot's x axis is the
+    real step rather than the sources' order.
     """
 
     scores: dict[str, dict[str, float]]
@@ -116,6 +117,7 @@ class CardEvidence:
     stderr: dict[str, dict[str, float]] | None = None  # task -> label -> standard error over examples
     intervals: dict[str, dict[str, tuple[float, float]]] | None = None  # task -> stability key -> 95% bootstrap
     groups: dict[str, list[str]] | None = None  # group -> its member tasks; a group's row pools their examples
+    steps: dict[str, int | None] | None = None  # source label -> its training step, None where unknown
 
 
 @dataclass(frozen=True)
@@ -344,8 +346,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 LICENSE_UNKNOWN = {"license": "other"}
 LICENSE_NOTE = (
-    "The sources' license was not found (neither their model card on the Hub nor the files on disk state one), "
-    "so the metadata says `license: other`: check the source repository's terms before reusing these weights."
+    "The sources' files (README.md front matter, config.json) state no license, so the metadata says "
+    "`license: other`: check the terms of where the checkpoints came from before reusing these weights."
 )
 
 
@@ -422,7 +424,7 @@ def _evaluation_section(
     evidence: CardEvidence, labels: list[str], n_sources: int, data_names: Mapping[str, str], folder: Path
 ) -> list[str]:
     tasks = list(evidence.scores)
-    header = ["model", *[f"{t} ({evidence.metric.get(t, 'acc')})" for t in tasks]]
+    header = ["model", *[_task_name(evidence, t, f"({evidence.metric.get(t, 'acc')})") for t in tasks]]
     rows = []
     for label in _row_labels(evidence, labels):
         if label not in labels and label != "merged" and all(evidence.scores[t].get(label) is None for t in tasks):
@@ -462,6 +464,15 @@ def _evaluation_section(
     if details:
         out += ["", "What each score rests on:", "", *details]
     return out
+
+
+def _task_name(evidence: CardEvidence, task: str, extra: str = "") -> str:
+    """A task as a table names it: a group in bold and marked pooled, so that its row (or column), which leads
+    its members', is not read as one more task."""
+    if evidence.groups and task in evidence.groups:
+        inner = ", ".join(p for p in ("pooled", extra.strip("()")) if p)
+        return f"**{task}** ({inner})"
+    return f"{task} {extra}".rstrip()
 
 
 def _score_cell(evidence: CardEvidence, task: str, label: str) -> str:
@@ -515,7 +526,10 @@ def _stability_section(evidence: CardEvidence, plot_name: str | None) -> list[st
     ):
         if not keys:
             continue
-        rows = [[t, evidence.metric.get(t, "acc"), *[_stab_cell(evidence, t, k) for k in keys]] for t in stab]
+        rows = [
+            [_task_name(evidence, t), evidence.metric.get(t, "acc"), *[_stab_cell(evidence, t, k) for k in keys]]
+            for t in stab
+        ]
         out += [intro, "", *_table(["task", "score", *[STABILITY_COLUMNS[k][0] for k in keys]], rows), ""]
         out += [f"- **{STABILITY_COLUMNS[k][0]}**: {STABILITY_COLUMNS[k][1]}." for k in keys]
         if keys is trajectory and evidence.intervals:
@@ -640,6 +654,7 @@ def build_card(
     method: MethodText,
     command: str | None = None,
     license: str | Mapping[str, str] | None = None,
+    license_note: str | None = None,
     recipe_text: str | None = None,
 ) -> ModelCard:
     """The card of a merged folder, in memory; :func:`write_card` saves it with the files it links to.
@@ -648,8 +663,9 @@ def build_card(
     the merge read it (default: read again from ``hubmerge.json``'s ``recipe_file``). ``command`` is how the
     evidence was produced (shown under Reproduce; default: a ``hubmerge eval`` line for
     the merged model, its sources and the tasks). ``license`` (an id, or ``license``/``license_name``/
-    ``license_link`` as the source's card data says) overrides the one read from the newest source; with neither
-    the card says ``license: other`` and why.
+    ``license_link`` as the source's card data says) overrides the one read from the newest source's files; with
+    neither the card says ``license: other`` and why: ``license_note`` (what was checked, e.g. the Hub card),
+    default :data:`LICENSE_NOTE`.
 
     Nothing local is published: sources, recipe and data are named as :func:`publishable_provenance` does, a
     task's data by its Hub id only when it is a Hub dataset (only those tasks enter ``model-index``), else by its
@@ -728,7 +744,7 @@ def build_card(
         body += ["", *_stability_section(evidence, plot_name)]
     body += ["", *_reproduce_section(prov, folder, evidence, command, data_names)]
     if unknown_license:
-        body += ["", "## License", "", LICENSE_NOTE]
+        body += ["", "## License", "", license_note or LICENSE_NOTE]
     body += [
         "",
         "## Citation",
@@ -792,6 +808,7 @@ def write_card(
     method: MethodText,
     command: str | None = None,
     license: str | Mapping[str, str] | None = None,
+    license_note: str | None = None,
     recipe_text: str | None = None,
 ) -> Path:
     """Write README.md, recipe.yaml and the plot into the merged folder, then bring ``hubmerge.json``'s hashes up to
@@ -809,7 +826,15 @@ def write_card(
         files.update({name: sha256_file(folder / name) for name in data_names.values()})
         prov["files"] = dict(sorted(files.items()))
         write_provenance(folder, prov)
-    card = build_card(folder, evidence, method=method, command=command, license=license, recipe_text=recipe_text)
+    card = build_card(
+        folder,
+        evidence,
+        method=method,
+        command=command,
+        license=license,
+        license_note=license_note,
+        recipe_text=recipe_text,
+    )
     atomic_write(folder / RECIPE, _recipe_text(prov, folder, recipe_text, data_names))
     if evidence is not None and evidence.plot is not None:
         plot = Path(evidence.plot)
@@ -943,12 +968,20 @@ def evidence_from_store(
     ev = CardEvidence(
         scores={}, metric={}, ensemble={}, stability={}, n_examples={}, task_sources={}, stderr={}, intervals={}
     )
+    step_of = {m["model_key"]: m.get("step") for m in models}  # the store learns a Hub revision's step
+    ev.steps = {
+        label: None if k is None or step_of.get(k) is None else int(step_of[k])
+        for label, k in zip(labels, keys, strict=True)
+    }
     arrays: dict[str, tuple[Any, Any, Any]] = {}  # complete per-example tasks: (pred, correct, present), merged last
     for row in rows:
         name, tkey = row.task, row.task_key
         m = metric if isinstance(metric, str) else metric.get(name, "acc")
         if m not in ("acc", "acc_norm"):
             raise StoreError(f"task {name}: the card shows acc or acc_norm, not {m!r}")
+        if getattr(row, m) is None:  # the store leaves out what a task does not define (WinoGrande: acc only)
+            defined = ", ".join(row.metrics or []) or "acc"
+            raise StoreError(f"task {name} defines no {m} (it reports {defined}); show it with metric acc")
         needed = list(dict.fromkeys([k for k in keys if k is not None] + (after_keys or [])))
         by_key = {s.model_key: s for s in store.scores(task=tkey, models=needed)} if needed else {}
         scores: dict[str, float] = {"merged": getattr(row, m)}
@@ -1061,22 +1094,43 @@ def _add_groups(
         setattr(ev, attr, {t: d[t] for t in order if t in d})
 
 
-def window_plot(folder: Path, evidence: CardEvidence, out_dir: Path) -> Path | None:
-    """Each task's score along the merged window (the sources, oldest to newest), as a PNG in ``out_dir``."""
-    labels = source_labels(read_provenance(folder))
+def window_series(
+    labels: Sequence[str], evidence: CardEvidence, method: MethodText | None = None
+) -> WindowSeries | None:
+    """What the card's plot shows, as data: every task scored for all sources (groups first, as in the tables),
+    at the sources' training steps when each is known and they increase, else at their order (a local folder has
+    no step); the merged model's score; a group's panel titled as pooled. None when there is no window to draw
+    (one source, or no task scored for every source)."""
+    labels = list(labels)
     tasks = [t for t, by in evidence.scores.items() if all(lab in by for lab in labels)]
     if len(labels) < 2 or not tasks:
         return None
-    points = [(lab, i, {t: evidence.scores[t][lab] for t in tasks}) for i, lab in enumerate(labels)]
-    report = StabilityReport.build(points, metrics={t: evidence.metric.get(t, "acc") for t in tasks})
-    out = out_dir / "window"
-    paths = plot_scores(
-        report,
-        out,
+    steps = [(evidence.steps or {}).get(lab) for lab in labels]
+    found = [s for s in steps if s is not None]
+    known = len(found) == len(labels) and all(a < b for a, b in zip(found, found[1:], strict=False))
+    x = [float(s) for s in found] if known else [float(i) for i in range(len(labels))]
+    groups = evidence.groups or {}
+    titles = {}
+    for g in (t for t in tasks if t in groups):
+        titles[g] = f"{g} ({len(groups[g])} tasks pooled)"
+    what = method.phrase[0].lower() + method.phrase[1:] if method else "average"
+    return WindowSeries(
+        labels=labels,
+        x=x,
+        uses_steps=known,
         tasks=tasks,
-        model=folder.name,
-        source="the merged window's checkpoints",
-        xscale="linear",
-        formats=("png",),
+        scores={t: [float(evidence.scores[t][lab]) for lab in labels] for t in tasks},
+        merged={t: float(evidence.scores[t]["merged"]) for t in tasks if _present(evidence.scores[t].get("merged"))},
+        metric={t: evidence.metric.get(t, "acc") for t in tasks},
+        titles=titles,
+        merged_label=f"merged model ({what} of the window)",
     )
+
+
+def window_plot(folder: Path, evidence: CardEvidence, out_dir: Path, method: MethodText | None = None) -> Path | None:
+    """The card's plot (:func:`window_series`) as a PNG in ``out_dir``; None when there is nothing to draw."""
+    series = window_series(source_labels(read_provenance(folder)), evidence, method)
+    if series is None:
+        return None
+    paths = plot_window(series, out_dir / "window", model=folder.name, source="the merged window's checkpoints")
     return paths[0]

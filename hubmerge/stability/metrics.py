@@ -33,7 +33,9 @@ Edge cases, decided once for every function here:
 
 Uncertainty: :func:`mean_stderr` is a score's standard error over examples as lm-eval reports ``acc_stderr``
 (``sqrt(var(ddof=1) / n)``); :func:`bootstrap_interval` and :func:`series_intervals` give fixed-seed 95%
-percentile bootstrap intervals over examples for the instability figures.
+percentile bootstrap intervals over examples for the instability figures; over several tasks at once,
+:func:`stratified_bootstrap_interval` resamples within each task, :func:`tasks_mean_stderr` combines per-task
+errors of an unweighted mean over tasks, and :func:`paired_difference` compares two models on the same examples.
 """
 
 from __future__ import annotations
@@ -306,14 +308,32 @@ def bootstrap_interval(
     on which it is undefined (NaN, or a :class:`StabilityError` such as a step with no example in common) is left
     out. ``(nan, nan)`` when no draw is defined or there are no examples.
     """
-    if n_examples < 1 or resamples < 1:
+    return stratified_bootstrap_interval(
+        lambda idx: statistic(idx[0]), [n_examples], resamples=resamples, level=level, seed=seed
+    )
+
+
+def stratified_bootstrap_interval(
+    statistic: Callable[[list[np.ndarray]], float],
+    sizes: Sequence[int],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float]:
+    """:func:`bootstrap_interval` over several tasks at once: each draw resamples every task's examples within
+    that task (``sizes[k]`` indices with replacement for task k), so a statistic over tasks (a mean over tasks of
+    flip rates) keeps each task's size, as the point estimate does. One stratum draws exactly what
+    :func:`bootstrap_interval` draws. ``(nan, nan)`` when a task has no examples or no draw is defined.
+    """
+    if not sizes or min(sizes) < 1 or resamples < 1:
         return math.nan, math.nan
     if not 0 < level < 1:
         raise StabilityError(f"bootstrap level {level}: must be between 0 and 1")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(resamples):
-        idx = rng.integers(0, n_examples, size=n_examples)
+        idx = [rng.integers(0, n, size=n) for n in sizes]
         try:
             v = float(statistic(idx))
         except StabilityError:
@@ -325,6 +345,81 @@ def bootstrap_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(np.asarray(values), [tail, 100 - tail])
     return float(low), float(high)
+
+
+def tasks_mean_stderr(stderrs: Sequence[float]) -> float:
+    """Standard error of an unweighted mean over T tasks of independent per-task means: ``sqrt(Σ se_t²) / T``.
+
+    The sweep's mean score is such a mean (each task counts once, whatever its size). lm-eval's group stderr
+    (``pooled_sample_stderr``) is for a size-weighted mean, which this is not; a group such as BLiMP is one task
+    here, its se computed directly on its pooled examples (lm-eval's pooled formula approximates exactly that,
+    leaving out the spread between its subtasks' means). NaN if any task's se is (one example).
+    """
+    se = np.asarray(stderrs, dtype=np.float64)
+    if se.size == 0 or not np.isfinite(se).all():
+        return math.nan
+    return float(math.sqrt(float((se**2).sum())) / se.size)
+
+
+def mean_flip_rate_interval(
+    series: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float]:
+    """Bootstrap interval of the mean over tasks of the flip rate, from each task's ``(correct[m, n], present)``;
+    examples are resampled within each task (:func:`stratified_bootstrap_interval`)."""
+    checked = [_per_example(c, p, "correctness") for c, p in series]
+
+    def stat(idx: list[np.ndarray]) -> float:
+        return float(np.mean([flip_rate(c[:, i], p[:, i]) for (c, p), i in zip(checked, idx, strict=True)]))
+
+    sizes = [c.shape[1] for c, _ in checked]
+    return stratified_bootstrap_interval(stat, sizes, resamples=resamples, level=level, seed=seed)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Model A minus model B on the same examples, as a mean over tasks of per-task mean differences."""
+
+    difference: float
+    stderr: float  # tasks_mean_stderr of each task's mean_stderr of the per-example differences
+    interval: tuple[float, float]  # stratified percentile bootstrap over examples
+    n_examples: int
+
+    @property
+    def distinguishable(self) -> bool:
+        """Whether the interval excludes 0: A and B differ beyond what resampling the examples explains."""
+        low, high = self.interval
+        return bool(math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0))
+
+
+def paired_difference(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> PairedDifference:
+    """Paired difference of two models' per-example values (correctness) over the same examples, per task
+    ``(a[n], b[n])``: pairing removes the between-example spread both share, so it is far tighter than comparing
+    two independent intervals. The difference is the mean over tasks of ``mean(a - b)``."""
+    diffs = [_array(a, "per-example values").ravel() - _array(b, "per-example values").ravel() for a, b in pairs]
+    if not diffs or any(d.size == 0 for d in diffs):
+        raise StabilityError("a paired difference needs at least one example in every task")
+
+    def stat(idx: list[np.ndarray]) -> float:
+        return float(np.mean([d[i].mean() for d, i in zip(diffs, idx, strict=True)]))
+
+    return PairedDifference(
+        difference=float(np.mean([d.mean() for d in diffs])),
+        stderr=tasks_mean_stderr([mean_stderr(d) for d in diffs]),
+        interval=stratified_bootstrap_interval(
+            stat, [d.size for d in diffs], resamples=resamples, level=level, seed=seed
+        ),
+        n_examples=int(sum(d.size for d in diffs)),
+    )
 
 
 def series_intervals(

@@ -9,7 +9,9 @@ files. matplotlib is imported on first use only: the CLI's fast commands should 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +88,58 @@ def _figure(n_panels: int, width: float = 4.0, height: float = 3.1):
     return fig, axes[:n_panels]
 
 
+def wrap_title(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters, after a space, ``_`` or ``-`` where it can.
+
+    Task names such as ``blimp_agreement_across_object_relative_clause`` have no spaces, so textwrap would leave
+    them whole and matplotlib would draw them past the panel (and the figure's edge); a part longer than a line
+    is cut where it must.
+    """
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for part in re.split(r"(?<=[ _-])", paragraph):
+            while len(part) > width:  # one unbreakable run longer than a line
+                if line:
+                    lines.append(line.rstrip())
+                    line = ""
+                lines.append(part[:width])
+                part = part[width:]
+            if len(line) + len(part.rstrip()) > width and line:
+                lines.append(line.rstrip())
+                line = ""
+            line += part
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def _chars_across(inches: float, fontsize: float) -> int:
+    """How many characters of a title fit across ``inches`` at ``fontsize`` points (DejaVu Sans averages a little
+    under 0.6 em a character; a little room is left so that nothing touches the edge)."""
+    return max(8, int(inches * 72 / (0.6 * fontsize)))
+
+
+def _panel_title(ax, text: str) -> None:
+    """A panel's title, wrapped to the panel's width: a long task name would otherwise run into its neighbour's
+    title and, in the last column, off the figure (the layout engine does not shrink titles)."""
+    fig = ax.get_figure()
+    ncols = ax.get_subplotspec().get_gridspec().ncols
+    usable = fig.get_figwidth() / ncols - 0.6  # the y label and tick labels take the panel's left part
+    ax.set_title(wrap_title(text, _chars_across(usable, _points("axes.titlesize"))))
+
+
+def _points(key: str) -> float:
+    """An rc font size in points (rc values may be names such as ``large``)."""
+    import matplotlib
+    from matplotlib.font_manager import FontProperties
+
+    return float(FontProperties(size=matplotlib.rcParams[key]).get_size_in_points())
+
+
 def _title(fig, headline: str, model: str | None, source: str | None) -> None:
     title = f"{model}: {headline}" if model else headline
-    fig.suptitle(f"{title}\nSource: {source}" if source else title)
+    text = f"{title}\nSource: {source}" if source else title
+    fig.suptitle(wrap_title(text, _chars_across(fig.get_figwidth() - 0.4, _points("figure.titlesize"))))
 
 
 def _legend(fig, axes) -> None:
@@ -171,7 +222,7 @@ def plot_scores(
                 ax.plot(x, report.scores[task], **style)
             if chance and task in chance:
                 ax.axhline(chance[task], color="0.5", linestyle=":", linewidth=1.2, label="chance")
-            ax.set_title(task)
+            _panel_title(ax, task)
             metric = comp.raw.tasks[task].metric
             ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=10)
             if use_index:
@@ -235,10 +286,102 @@ def plot_by_window(
             ax.set_xticklabels([str(w) for w in all_sizes])
             ax.minorticks_off()
             ax.set_ylim(bottom=0)
-            ax.set_title(task)
+            _panel_title(ax, task)
             ax.set_xlabel("window size (checkpoints)")
             ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=10)
             ax.grid(True, alpha=0.3)
         _legend(fig, axes)
         _title(fig, f"{metric.replace('_', ' ')} against window size", model, source)
         return _save(fig, path, formats)
+
+
+@dataclass
+class WindowSeries:
+    """What the card's window plot draws, worked out before any drawing so that it can be checked: each panel's
+    source scores at the sources' training steps (their order 0..n-1 when a step is unknown, with the axis saying
+    so) and the merged model's score, drawn at the newest source's step across the window it averages.
+
+    ``tasks`` is the panel order (a group's pooled panel before its members); ``titles`` overrides a panel's
+    title (a group says it is pooled).
+    """
+
+    labels: list[str]  # the sources, oldest to newest
+    x: list[float]  # each source's training step, or its position when some step is unknown
+    uses_steps: bool
+    tasks: list[str]
+    scores: dict[str, list[float]]  # task -> the sources' scores, in ``labels`` order
+    merged: dict[str, float]  # task -> the merged model's score, where it was scored
+    metric: dict[str, str]
+    titles: dict[str, str] = field(default_factory=dict)
+    merged_label: str = "merged model (average of the window)"
+
+    @property
+    def xlabel(self) -> str:
+        return "training step" if self.uses_steps else "checkpoint (training order; steps unknown)"
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """The span of the merged window along the x axis: oldest to newest source."""
+        return self.x[0], self.x[-1]
+
+    @property
+    def merged_x(self) -> float:
+        """Where the merged model is drawn: at the newest source, the point the merge replaces."""
+        return self.x[-1]
+
+
+def window_figure(series: WindowSeries, *, model: str | None = None, source: str | None = None):
+    """The window plot as a laid-out matplotlib figure (:func:`plot_window` saves it): per panel the sources'
+    scores, the window shaded, and the merged model as a star at the newest source on a dashed line across the
+    window, so a reader sees where the average sits against the checkpoints it replaces."""
+    import matplotlib
+    from matplotlib.ticker import FuncFormatter
+
+    with matplotlib.rc_context(_RC):
+        fig, axes = _figure(len(series.tasks))
+        x0, x1 = series.window
+        scale = choose_xscale(series.x) if series.uses_steps else "linear"
+        pad = (x1 - x0) * 0.06 or 0.5
+        for ax, task in zip(axes, series.tasks, strict=True):
+            ax.axvspan(x0, x1, color="C0", alpha=0.1, linewidth=0, label="the merged window")
+            ax.plot(series.x, series.scores[task], color="0.15", marker="o", markersize=4, linewidth=1.2,
+                    label="source checkpoints")  # fmt: skip
+            if task in series.merged:
+                m = series.merged[task]
+                ax.plot([x0, x1], [m, m], color="C3", linestyle="--", linewidth=1.2, marker="*", markevery=[1],
+                        markersize=13, zorder=3, clip_on=False, label=series.merged_label)  # fmt: skip
+            _panel_title(ax, series.titles.get(task, task))
+            metric = series.metric.get(task, "acc")
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=10)
+            ax.set_xlabel(series.xlabel + (" (symlog scale)" if scale == "symlog" else ""))
+            if scale == "symlog":
+                ax.set_xscale("symlog", linthresh=1, linscale=0.4)
+            else:
+                ax.set_xlim(x0 - pad, x1 + pad)
+            if not series.uses_steps:
+                ax.set_xticks(series.x)
+                tilt = {"rotation": 30, "ha": "right"} if len(series.labels) > 3 else {}
+                ax.set_xticklabels(series.labels, **tilt)
+            elif scale == "linear" and len(series.x) <= 8:
+                ax.set_xticks(series.x)
+            if series.uses_steps:
+                ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
+            ax.grid(True, alpha=0.3)
+        _legend(fig, axes)
+        _title(fig, "downstream score along the merged window", model, source)
+    return fig
+
+
+def plot_window(
+    series: WindowSeries,
+    path: str | Path,
+    *,
+    model: str | None = None,
+    source: str | None = None,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """The card's plot: :func:`window_figure` written to ``path`` (a file stem) in each format."""
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        return _save(window_figure(series, model=model, source=source), path, formats)

@@ -88,6 +88,9 @@ class StabilityReport:
     tasks: dict[str, TaskStability]
     window: int | None = None
     stride: int = 1
+    # The per-example arrays the metrics came from, kept for what needs examples later (the sweep's standard errors
+    # and bootstrap intervals); not part of the report's tables, CSV or JSON.
+    examples: Mapping[str, ExampleArrays] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -131,7 +134,7 @@ class StabilityReport:
             out[task] = _task_stability(
                 task, (metrics or {}).get(task, "score"), s, labels, examples.get(task), window, stride
             )
-        return cls(labels, steps, scores, out, window, stride)
+        return cls(labels, steps, scores, out, window, stride, examples)
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per task (no per-window detail): what the CSV holds."""

@@ -184,6 +184,7 @@ def _register(store: ResultsStore, pair: _Pair, samples: TaskSamples, rows: dict
             words=rows["words"],
             n_bytes=rows["n_bytes"],
             doc_hashes=samples.doc_hash,
+            metrics=task.metrics or None,  # what the lm-eval file reports for the task; none listed: unknown
         )
     except DocumentClashError as e:
         line = int(samples.line[np.flatnonzero(samples.doc_id == e.doc_id)[0]])

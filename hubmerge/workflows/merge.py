@@ -19,6 +19,7 @@ from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream
 from hubmerge.io.checkpoint import SourceRef, byte_order, identical_weights, open_checkpoint
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.sizes import format_size
+from hubmerge.merging.distributed import RayMerge, execute_on_ray, import_ray
 from hubmerge.merging.executor import MergeResult, execute
 from hubmerge.merging.methods import normalised_weights
 from hubmerge.merging.plan import MergePlan, StreamPlan, TensorPlan, build_plan, check_disk_space
@@ -287,17 +288,18 @@ def finish_merge(
     display: Display = QUIET,
 ) -> MergeOutcome:
     """What the recipe asks for after the merge: evaluate (``evaluate:``, then the card), push (``output.push``)."""
-    from hubmerge.hub.push import push
-    from hubmerge.workflows.card import write_card_from_store
+    from hubmerge.workflows.card import push_merge, write_card_from_store
 
     outcome = MergeOutcome(plan, result)
     recipe = doc.recipe
     if recipe.evaluate is not None:
         outcome.evaluation = evaluate_merge(plan, result.output, recipe.evaluate, client, display=display)
-        outcome.card = write_card_from_store(result.output, recipe.evaluate.results, recipe_text=doc.text)
+        outcome.card = write_card_from_store(
+            result.output, recipe.evaluate.results, recipe_text=doc.text, client=client
+        )
     cfg = recipe.output.push
     if cfg is not None:
-        outcome.pushed = push(
+        outcome.pushed = push_merge(
             result.output,
             cfg.repo,
             client or HubClient(),
@@ -318,12 +320,30 @@ def merge_recipe(
     device: str = "cpu",
     threads: int = 1,
     stream: bool | None = None,
+    ray: RayMerge | None = None,
 ) -> MergeOutcome:
     """``hubmerge merge RECIPE``: plan (check and pull Hub sources, or open them to stream), merge into
     ``output.path``, then evaluate, write the card and push as the recipe says. ``recipe`` is a parsed document or
-    a file to read once; ``stream`` overrides the recipe's ``sources.fetch``."""
+    a file to read once; ``stream`` overrides the recipe's ``sources.fetch``; ``ray`` (``--ray``) writes the
+    output's shards from Ray tasks, bit-identical to a one-machine merge."""
     doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
     client = client or HubClient()
+    if ray is not None:
+        import_ray()  # without the extra, say so before pulling anything
     plan = plan_merge(doc, client, device=device, force=force, display=display, stream=stream)
-    result = execute(plan, force=force, display=display, threads=threads)
+    result = run_merge(plan, force=force, display=display, threads=threads, ray=ray)
     return finish_merge(doc, plan, result, client, display=display)
+
+
+def run_merge(
+    plan: MergePlan,
+    *,
+    force: bool = False,
+    display: Display = QUIET,
+    threads: int = 1,
+    ray: RayMerge | None = None,
+) -> MergeResult:
+    """Carry out a merge's plan on this machine, or with one Ray task per output shard when ``ray`` is given."""
+    if ray is not None:
+        return execute_on_ray(plan, ray, force=force, display=display, threads=threads)
+    return execute(plan, force=force, display=display, threads=threads)

@@ -41,8 +41,24 @@ from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
 from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
 from hubmerge.results.keys import model_key, task_key
 from hubmerge.results.store import ResultsStore
-from hubmerge.stability.report import Comparison, compare
-from hubmerge.stability.series import Member, SeriesTask, ensemble_report, series_report
+from hubmerge.stability.metrics import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    mean_flip_rate_interval,
+    mean_stderr,
+    paired_difference,
+    tasks_mean_stderr,
+)
+from hubmerge.stability.report import Comparison, StabilityReport, compare
+from hubmerge.stability.series import (
+    PER_EXAMPLE_KINDS,
+    Member,
+    SeriesTask,
+    choice_series,
+    ensemble_report,
+    series_report,
+)
 from hubmerge.workflows.merge import check_online, note_dropped, stream_plan
 from hubmerge.workflows.reports import write_outputs
 
@@ -72,6 +88,10 @@ def recommend(comparison: Comparison, tasks: list[str] | None = None) -> dict[st
     Instability of a size is the mean over tasks of the example-level flip rate of its averaged series
     (task-level MTV when there are no per-example scores); sizes within ``INSTABILITY_TOLERANCE`` of the
     lowest tie. Among their windows the best mean score over tasks wins; ties go to the latest window.
+
+    It also says how sure the pick is, since a window chosen on 40 examples can be noise: the examples it rests on,
+    its score's standard error, and bootstrap intervals of its size's instability and of the size it beat (or
+    that beat it); ``versus_last`` (added by the sweep, which holds the store) compares it with the last checkpoint.
     """
     candidates = []
     for w, report in sorted(comparison.averaged.items()):
@@ -95,16 +115,110 @@ def recommend(comparison: Comparison, tasks: list[str] | None = None) -> dict[st
             if best is None or key > best[0]:
                 best = (key, w, label, instability)
     (score, _), w, label, instability = best
+    chosen = comparison.averaged[w]
+    names = [t for t in chosen.scores if tasks is None or t in tasks]
+    by_size = {c[1]: c[0] for c in candidates}
+    ranked = sorted(by_size, key=lambda size: (by_size[size], size))
+    other = ranked[0] if ranked[0] != w else ranked[1] if len(ranked) > 1 else None
+    compared = None
+    if other is not None:
+        compared = {
+            "window_size": other,
+            "role": "lowest" if other == ranked[0] else "runner-up",
+            "instability": by_size[other],
+            "instability_interval": _flip_rate_interval(comparison.averaged[other], names),
+        }
     return {
         "window_size": w,
         "window": label,
         "mean_score": score,
         "instability": instability,
+        **_score_evidence(chosen, chosen.labels.index(label), names),
+        "instability_interval": _flip_rate_interval(chosen, names),
+        "compared": compared,
+        "interval": INTERVAL_HOW,
         "how": (
             f"window sizes whose averaged series has a mean flip rate within {INSTABILITY_TOLERANCE - 1:.0%} of the "
             f"lowest ({lowest:.4f}) were kept ({', '.join(str(c[1]) for c in stable)}); among their windows the "
             "best mean score over tasks was chosen, ties going to the latest"
         ),
+    }
+
+
+INTERVAL_HOW = (
+    f"{BOOTSTRAP_LEVEL:.0%} percentile bootstrap over examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
+    f"{BOOTSTRAP_SEED}), resampled within each task; standard errors as lm-eval's acc_stderr per task, combined for "
+    "the unweighted mean over tasks as sqrt(sum of squares) / number of tasks; a group counts as one task, its "
+    "error computed on its pooled examples (which lm-eval's pooled_sample_stderr approximates)"
+)
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: an undefined figure (one example, one window) is ``null``."""
+    return x if math.isfinite(x) else None
+
+
+def _score_evidence(report: StabilityReport, i: int, names: list[str]) -> dict[str, Any]:
+    """How many examples the score of window ``i`` rests on, and its standard error, per task and over tasks."""
+    n = {t: report.tasks[t].n_examples for t in names}
+    stderr = {
+        t: _finite(mean_stderr(report.examples[t].correct[i]))
+        for t in names
+        if t in report.examples and report.examples[t].correct is not None
+    }
+    total = None if any(v is None for v in n.values()) else sum(n.values())  # type: ignore[misc]
+    combined = tasks_mean_stderr([math.nan if v is None else v for v in stderr.values()])
+    return {
+        "n_examples": n,
+        "n_examples_total": total,
+        "stderr": stderr,
+        "mean_score_stderr": _finite(combined) if len(stderr) == len(names) else None,
+    }
+
+
+def _flip_rate_interval(report: StabilityReport, names: list[str]) -> list[float | None] | None:
+    """The bootstrap interval of a size's instability (the mean flip rate over tasks); None without examples."""
+    arrays = [report.examples.get(t) for t in names]
+    if not arrays or any(a is None or a.correct is None for a in arrays):
+        return None
+    low, high = mean_flip_rate_interval([(a.correct, a.present) for a in arrays])  # type: ignore[union-attr]
+    return [_finite(low), _finite(high)]
+
+
+def versus_last(
+    store: ResultsStore,
+    recommendation: dict[str, Any],
+    window_key: str,
+    last: Member,
+    tasks: list[SeriesTask],
+    groups: dict[str, list[str]],
+) -> dict[str, Any] | None:
+    """Is the recommended window better than taking the last checkpoint? The paired difference of their
+    correctness over the examples both have, per task of the recommendation (a group pools its paradigms')."""
+    by_name = {t.name: t for t in tasks if t.kind in PER_EXAMPLE_KINDS}
+    pairs, last_scores = [], []
+    for name in recommendation.get("n_examples", {}):
+        parts = [by_name[m] for m in groups.get(name, [name]) if m in by_name]
+        if not parts:
+            return None
+        series = [choice_series(store, [window_key, last.key], t.key, wanted=t.wanted) for t in parts]
+        a = np.concatenate([c.correct[0] for c in series])
+        b = np.concatenate([c.correct[1] for c in series])
+        if a.size == 0:
+            return None
+        pairs.append((a, b))
+        last_scores.append(float(b.mean()))
+    if not pairs:
+        return None
+    d = paired_difference(pairs)
+    return {
+        "checkpoint": last.label,
+        "last_score": float(np.mean(last_scores)),
+        "difference": d.difference,
+        "stderr": _finite(d.stderr),
+        "interval": [_finite(d.interval[0]), _finite(d.interval[1])],
+        "n_examples": d.n_examples,
+        "distinguishable": d.distinguishable,
     }
 
 
@@ -219,6 +333,7 @@ def run_sweep_recipe(
     first_end = max(sizes) - 1 if sweep_cfg.align else 0
     members = [Member(t.key, t.label, t.step) for t in raw]
     stasks = series_tasks(tasks)
+    label_keys: dict[tuple[int, str], str] = {}  # (size, window label) -> the averaged model's store key
     with store:  # one connection for the hundreds of reads below
         raw_report = series_report(store, members[first_end:], stasks, groups)
         averaged, ensembled = {}, {}
@@ -233,12 +348,19 @@ def run_sweep_recipe(
                 Member(window_keys[n.name], f"{raw[n.start].label}..{raw[n.end].label}", raw[n.end].step)
                 for n in chosen
             ]
+            label_keys.update({(w, m.label): m.key for m in series})
             averaged[w] = series_report(store, series, stasks, groups)
             ensembled[w] = ensemble_report(store, members, positions, stasks, groups)
     comparison = compare(raw_report, averaged, ensembled)
     grouped = {m for group in groups.values() for m in group}
     plotted = [t for t in comparison.raw.tasks if t not in grouped] if groups else None
     report = SweepReport(comparison, recommend(comparison, plotted), headline=plotted)
+    rec = report.recommendation
+    if "window" in rec:
+        with store:
+            rec["versus_last"] = versus_last(
+                store, rec, label_keys[(rec["window_size"], rec["window"])], members[-1], stasks, groups
+            )
     report.windows = len(window_keys)
     report.bytes_read = result.bytes_read if result else 0
     out_dir = Path(out) if out else root / "report"

@@ -1,0 +1,250 @@
+"""``hubmerge merge --ray``: a real local Ray instance (two worker CPUs, no mock) writes a merge's shards.
+
+Each test merges the same recipe on this machine first and then on Ray, into the same ``output.path`` (so even
+``hubmerge.json``, which records the recipe, must come out the same), and compares every file byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from factories import save_trajectory, write_recipe
+from typer.testing import CliRunner
+
+from hubmerge.cli.app import app
+from hubmerge.errors import MissingExtraError, RayMergeError, RecipeError
+from hubmerge.merging.distributed import CRASH_HOOK_ENV, RayMerge, execute_on_ray, import_ray
+from hubmerge.merging.recipe import load_recipe
+from hubmerge.workflows.merge import merge_recipe, plan_merge
+
+SHARDS = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def crash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test drops the files the workers' test-only fault hook looks for."""
+    return tmp_path_factory.mktemp("ray-crash")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(crash_dir: Path):
+    """One local Ray instance for the module, two CPUs (two worker processes at a time); without the extra, the
+    tests that need it are skipped (the one-line error without Ray is tested below either way)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir)}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return save_trajectory(tmp_path_factory.mktemp("ckpts"), 3, fmt="sharded")
+
+
+def local_then_ray_recipe(tmp_path: Path, trajectory: list[Path]) -> tuple[Path, Path]:
+    """A three-shard recipe merged on this machine, its output moved to ``local/``; the recipe and that folder."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", trajectory, out, output={"path": str(out), "max_shard_size": "20KB"})
+    merge_recipe(recipe)
+    local = tmp_path / "local"
+    out.rename(local)
+    return recipe, local
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert set(SHARDS) <= set(names) and "model.safetensors.index.json" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_merge_on_ray_is_bit_identical_to_one_on_this_machine(ray_cluster, trajectory, tmp_path):
+    recipe, local = local_then_ray_recipe(tmp_path, trajectory)
+    res = CliRunner().invoke(app, ["merge", str(recipe), "--ray", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert_same_files(local, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "out", "r.yaml"]  # no partial folder left
+
+
+def test_a_worker_killed_mid_task_is_retried_and_the_output_is_unchanged(ray_cluster, trajectory, tmp_path, crash_dir):
+    recipe, local = local_then_ray_recipe(tmp_path, trajectory)
+    flag = crash_dir / f"crash-once-{SHARDS[1]}"
+    flag.touch()
+    result = merge_recipe(recipe, ray=RayMerge())
+    assert not flag.exists() and flag.with_name(flag.name + ".done").exists()  # the first attempt died
+    assert_same_files(local, result.output)
+    files = json.loads((result.output / "hubmerge.json").read_text())["files"]
+    assert set(SHARDS) <= set(files)
+
+
+def test_a_shard_failing_on_every_attempt_fails_the_merge_in_one_line_and_writes_nothing(
+    ray_cluster, trajectory, tmp_path, crash_dir
+):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", trajectory, out, output={"path": str(out), "max_shard_size": "20KB"})
+    flag = crash_dir / f"crash-always-{SHARDS[0]}"
+    flag.touch()
+    try:
+        res = CliRunner().invoke(app, ["merge", str(recipe), "--ray", "--quiet"])
+    finally:
+        flag.unlink()
+    assert res.exit_code == RayMergeError.exit_code
+    # Ray's driver prints its own "(raylet) A worker died ..." notes as they happen; hubmerge's account is one line
+    lines = [line for line in res.output.splitlines() if line.strip() and "(raylet)" not in line]
+    assert len(lines) == 1 and SHARDS[0] in lines[0] and "2 attempts" in lines[0], res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no output, no partial folder
+
+
+def test_ray_missing_and_streamed_sources_are_one_line_errors(trajectory, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    out = tmp_path / "out"
+    plan = plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", trajectory, out)))
+    with pytest.raises(RecipeError, match="fetch: stream is not distributed"):
+        execute_on_ray(replace(plan, stream=object()))  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    with pytest.raises(MissingExtraError, match=r"pip install 'hubmerge\[ray\]'"):
+        import_ray()
+    with pytest.raises(MissingExtraError):
+        execute_on_ray(plan)
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "r.yaml"), "--ray", "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert res.output == "error: --ray needs Ray, an optional extra: pip install 'hubmerge[ray]'\n"
+    assert not out.exists()
+
+
+def seed_hub(hub_api, repo: str, folders: list[Path]) -> list[str]:
+    """One branch per checkpoint, as Pythia publishes them; the branch names."""
+    hub_api.create_repo(repo, exist_ok=True)
+    hub_api.upload_folder(repo_id=repo, folder_path=folders[-1], commit_message="final model")
+    names = [f"step{(i + 1) * 1000}" for i in range(len(folders))]
+    for name, folder in zip(names, folders, strict=True):
+        hub_api.create_branch(repo, branch=name)
+        hub_api.upload_folder(repo_id=repo, folder_path=folder, revision=name, delete_patterns="*")
+    return names
+
+
+def test_a_merge_of_hub_cache_sources_on_ray_is_bit_identical_and_still_verifies_every_byte(
+    ray_cluster, trajectory, tmp_path, hub, hub_api
+):
+    """Each task hashes the cached files its shard reads; a flipped byte in one is refused (exit 5), named."""
+    seed_hub(hub_api, "org/tiny", trajectory)
+    out = tmp_path / "out"
+    sources = {"repo": "org/tiny", "select": {"last": 3}}
+    recipe = tmp_path / "r.yaml"
+    data = {"name": "test-merge", "sources": sources, "output": {"path": str(out), "max_shard_size": "20KB"}}
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    cli = ["--endpoint", hub.url, "--quiet"]
+    env = {"HF_TOKEN": "hf_test"}
+    runner = CliRunner()
+    assert runner.invoke(app, ["merge", str(recipe), *cli], env=env).exit_code == 0
+    out.rename(tmp_path / "local")
+    res = runner.invoke(app, ["merge", str(recipe), "--ray", *cli], env=env)
+    assert res.exit_code == 0, res.output
+    assert_same_files(tmp_path / "local", out)
+
+    cached = sorted(Path(os.environ["HF_HUB_CACHE"]).rglob("snapshots/*/model-00001-of-*.safetensors"))[0]
+    data = bytearray(cached.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # the tail: a shard's task hashes bytes no tensor of it needs
+    cached.resolve().write_bytes(bytes(data))
+    res = runner.invoke(app, ["merge", str(recipe), "--ray", "--force", *cli], env=env)
+    assert res.exit_code == 5, res.output
+    assert "does not match the sha256" in res.output and cached.name in res.output
+    assert_same_files(tmp_path / "local", out)  # the earlier output is untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no partial folder left
+
+
+def poison(folder: Path, values: dict[str, float]) -> None:
+    """Set the first element of some tensors of a saved single-file checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    for name, v in values.items():
+        state[name].view(-1)[0] = v
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_nonfinite_counts_from_several_tasks_are_recorded_as_one_machine_records_them(
+    ray_cluster, tmp_path_factory, tmp_path
+):
+    """``nonfinite: warn``: each task counts what its shard met; the driver's ``hubmerge.json`` is the same."""
+    import torch
+
+    tensors = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    paths = save_trajectory(tmp_path_factory.mktemp("nan"), 3, dtype=torch.float32)
+    poison(paths[1], {tensors[0]: float("nan"), tensors[1]: float("inf")})
+    out = tmp_path / "out"
+    extra = {"output": {"path": str(out), "max_shard_size": "40KB"}}
+    recipe = write_recipe(tmp_path / "r.yaml", paths, out, nonfinite="warn", **extra)
+    merge_recipe(recipe)
+    out.rename(tmp_path / "local")
+    index = json.loads((tmp_path / "local" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index[tensors[0]] != index[tensors[1]]  # counted by two different tasks
+    merge_recipe(recipe, ray=RayMerge())
+    assert_same_files(tmp_path / "local", out)
+    record = json.loads((out / "hubmerge.json").read_text())["nonfinite"]["sources"]
+    assert [r["tensor"] for r in record] == tensors
+
+    out2 = tmp_path / "out2"
+    refused = write_recipe(tmp_path / "refuse.yaml", paths, out2, output={"path": str(out2), "max_shard_size": "40KB"})
+    res = CliRunner().invoke(app, ["merge", str(refused), "--ray", "--quiet"])
+    assert res.exit_code == 3 and "non-finite" in res.output, res.output
+    assert not out2.exists() and not list(tmp_path.glob(".out2.*"))
+
+
+def test_each_cached_file_is_hashed_by_the_tasks_that_read_it_and_every_file_by_one():
+    from types import SimpleNamespace
+
+    from hubmerge.io.checkpoint import SourceRef
+    from hubmerge.merging.distributed import shard_sources
+    from hubmerge.merging.plan import ShardPlan, TensorPlan
+
+    a, b = TensorPlan("a", (2,), "F16", True), TensorPlan("b", (2,), "F16", True)
+    ck = SimpleNamespace(tensors={"a": SimpleNamespace(file="f1"), "b": SimpleNamespace(file="f2")})
+    hashes = {"f1": "h1", "f2": "h2", "f3": "h3"}  # f3 holds no planned tensor (a dropped alias, say)
+    plan = SimpleNamespace(
+        shards=[ShardPlan("s1", [a]), ShardPlan("s2", [b])],
+        sources=[SourceRef(Path("/x"), "x", sha256=hashes), SourceRef(Path("/y"), "y")],
+        checkpoints=[ck, ck],
+    )
+    per_shard = shard_sources(plan)  # type: ignore[arg-type]
+    assert [refs[0].sha256 for refs in per_shard] == [{"f1": "h1", "f3": "h3"}, {"f2": "h2"}]
+    assert [refs[1].sha256 for refs in per_shard] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (["--ray-gpus-per-task", "1"], "the Ray cluster has 0 GPUs in all"),
+        (["--ray-cpus-per-task", "0"], "give a number above 0"),
+    ],
+)
+def test_resources_no_task_could_get_are_one_line_usage_errors(ray_cluster, trajectory, tmp_path, option, said):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", trajectory, out)
+    res = CliRunner().invoke(app, ["merge", str(recipe), "--ray", *option, "--quiet"])
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_model_of_one_shard_runs_as_one_task_and_is_bit_identical(ray_cluster, trajectory, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", trajectory, out)
+    merge_recipe(recipe)
+    out.rename(tmp_path / "local")
+    merge_recipe(recipe, ray=RayMerge())
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "local").iterdir()) and "model.safetensors" in names
+    assert all((out / n).read_bytes() == (tmp_path / "local" / n).read_bytes() for n in names)
