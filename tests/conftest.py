@@ -86,3 +86,27 @@ def no_outputs_in_the_checkout():
     yield
     left = sorted(name for name in DEFAULT_OUTPUTS if (ROOT / name).exists() and name not in before)
     assert not left, f"tests wrote {', '.join(left)} into {ROOT}; pass --results / --out under tmp_path"
+
+
+@pytest.fixture(scope="module")
+def crash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test drops the files the workers' test-only fault hook looks for."""
+    return tmp_path_factory.mktemp("ray-crash")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(crash_dir: Path):
+    """One local Ray instance per test module, two CPUs (two worker processes at a time), whose workers see the
+    fault hook's folder; without the extra, the tests that need it are skipped (the one-line error without Ray
+    is tested either way)."""
+    ray = pytest.importorskip("ray")
+    from hubmerge.merging.distributed import CRASH_HOOK_ENV
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir)}},
+    )
+    yield
+    ray.shutdown()

@@ -18,32 +18,11 @@ from typer.testing import CliRunner
 
 from hubmerge.cli.app import app
 from hubmerge.errors import MissingExtraError, RayMergeError, RecipeError
-from hubmerge.merging.distributed import CRASH_HOOK_ENV, RayMerge, execute_on_ray, import_ray
+from hubmerge.merging.distributed import RayMerge, execute_on_ray, import_ray
 from hubmerge.merging.recipe import load_recipe
 from hubmerge.workflows.merge import merge_recipe, plan_merge
 
 SHARDS = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
-
-
-@pytest.fixture(scope="module")
-def crash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where a test drops the files the workers' test-only fault hook looks for."""
-    return tmp_path_factory.mktemp("ray-crash")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(crash_dir: Path):
-    """One local Ray instance for the module, two CPUs (two worker processes at a time); without the extra, the
-    tests that need it are skipped (the one-line error without Ray is tested below either way)."""
-    ray = pytest.importorskip("ray")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir)}},
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,21 @@ Stream = Annotated[
         show_default=False,
     ),
 ]
+UseRay = Annotated[
+    bool,
+    typer.Option("--ray", help="Run on Ray: merge shards, or sweep passes and scoring, as Ray tasks (same output)."),
+]
+RayAddress = Annotated[
+    str | None, typer.Option(help="Address of a running Ray cluster (implies --ray; default: RAY_ADDRESS).")
+]
+RayCpus = Annotated[float, typer.Option(help="CPUs each Ray task asks for.")]
+RayGpus = Annotated[
+    float | None,
+    typer.Option(
+        help="GPUs each Ray task asks for (default: merge, 1 with --device cuda, else 0; sweep, 1 for scoring "
+        "where the cluster has a GPU)."
+    ),
+]
 Results = Annotated[
     Path | None,
     typer.Option("--results", envvar="HUBMERGE_RESULTS", help="Results folder (default ./hubmerge-results)."),
@@ -198,16 +213,10 @@ def merge(
     device: Annotated[str, typer.Option(help="Where to accumulate: cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="Torch compute threads (1 is fastest for this memory-bound loop).")] = 1,
     stream: Stream = None,
-    use_ray: Annotated[
-        bool, typer.Option("--ray", help="Write the output's shards from Ray tasks, one per shard (bit-identical).")
-    ] = False,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Address of a running Ray cluster (implies --ray; default: RAY_ADDRESS).")
-    ] = None,
-    ray_cpus_per_task: Annotated[float, typer.Option(help="CPUs each shard's Ray task asks for.")] = 1.0,
-    ray_gpus_per_task: Annotated[
-        float | None, typer.Option(help="GPUs each shard's Ray task asks for (default: 1 with --device cuda, else 0).")
-    ] = None,
+    use_ray: UseRay = False,
+    ray_address: RayAddress = None,
+    ray_cpus_per_task: RayCpus = 1.0,
+    ray_gpus_per_task: RayGpus = None,
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -699,15 +708,24 @@ def sweep(
     keep: Annotated[bool | None, typer.Option("--keep/--no-keep", help="Keep every window's merged folder.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default OUTPUT/report).")] = None,
     stream: Stream = None,
+    use_ray: UseRay = False,
+    ray_address: RayAddress = None,
+    ray_cpus_per_task: RayCpus = 1.0,
+    ray_gpus_per_task: RayGpus = None,
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Average every window of a trajectory (one shared read), score raw/averaged/ensembled, report stability."""
+    """Average every window of a trajectory (one shared read), score raw/averaged/ensembled, report stability
+    (--ray: each pass and each scoring on Ray tasks; the driver writes the store and the report)."""
     from hubmerge.cli.render import render_comparison
+    from hubmerge.merging.distributed import RayMerge, import_ray
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.sweep import run_sweep_recipe
 
+    ray = RayMerge(ray_address, ray_cpus_per_task, ray_gpus_per_task) if use_ray or ray_address else None
+    if ray is not None:
+        import_ray()  # without the extra, say so before reading anything
     doc = load_recipe(recipe)
     report = run_sweep_recipe(
         doc,
@@ -716,6 +734,7 @@ def sweep(
         keep=keep,
         out=out_dir,
         stream=_streamed(doc, stream),
+        ray=ray,
     )
     if as_json:
         out.print_json(

@@ -316,10 +316,12 @@ def run_eval(
     display: Display = QUIET,
     ray_address: str | None = None,
     use_ray: bool = False,
+    ray_resources: Mapping[str, float] | None = None,
 ) -> EvalResult:
     """Score what the plan says is missing, one model at a time, committing every COMMIT_EVERY requests.
 
-    ``client`` reaches the Hub for targets that are Hub revisions not yet downloaded.
+    ``client`` reaches the Hub for targets that are Hub revisions not yet downloaded. ``ray_resources``: what
+    each (model, task) Ray task asks for (``num_cpus``, ``num_gpus``; default one GPU when scoring on cuda).
     """
     client = client or HubClient()
     result = EvalResult(plan)
@@ -331,7 +333,14 @@ def run_eval(
         store.register_checkpoint(target)
     if use_ray or ray_address:
         result.scored = _run_ray(
-            plan, store, client, batch_size=batch_size, device=device, address=ray_address, display=display
+            plan,
+            store,
+            client,
+            batch_size=batch_size,
+            device=device,
+            address=ray_address,
+            display=display,
+            resources=ray_resources or {},
         )
     else:
         from hubmerge.evaluation.scoring import load_model
@@ -398,6 +407,7 @@ def _run_ray(
     device: str,
     address: str | None,
     display: Display,
+    resources: Mapping[str, float],
 ) -> int:
     """One Ray task per (model, task) with work left; each returns its scores, the driver writes them."""
     try:
@@ -410,7 +420,9 @@ def _run_ray(
         if started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
         try:
-            return _ray_tasks(plan, store, client, ray, batch_size=batch_size, device=device, display=display)
+            return _ray_tasks(
+                plan, store, client, ray, batch_size=batch_size, device=device, display=display, resources=resources
+            )
         finally:
             if started:
                 ray.shutdown()
@@ -425,10 +437,11 @@ def _ray_tasks(
     batch_size: int | None,
     device: str,
     display: Display,
+    resources: Mapping[str, float],
 ) -> int:
     """Submit the (model, task) pairs with work left, and store each one's scores as it comes back."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device.startswith("cuda") else 0
-    remote = ray.remote(num_gpus=gpus, max_retries=2)(ray_score)
+    remote = ray.remote(**{"num_gpus": gpus, **resources}, max_retries=2)(ray_score)
     futures = {}
     for target in plan.unique_targets():
         for task in plan.tasks:

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,7 @@ def shard_sources(plan: MergePlan) -> list[list[SourceRef]]:
     return per_shard
 
 
-def _crash_hook(shard: str) -> None:
+def crash_hook(shard: str) -> None:
     """The test-only fault hook (see ``CRASH_HOOK_ENV``): kill this worker the way a lost node would."""
     folder = os.environ.get(CRASH_HOOK_ENV)
     if not folder:
@@ -163,7 +163,7 @@ def write_shard(plan: MergePlan, index: int, sources: Sequence[SourceRef], folde
             accs = [torch.empty(plan.chunk_elems, dtype=torch.float32, device=device)]
             with QUIET.bytes("", 0) as bar:
                 hashes, checks, bytes_read = write_pass(p, {window.name: attempt}, accs, bar)
-        _crash_hook(shard.file)
+        crash_hook(shard.file)
         ((path, digest),) = hashes.items()
         size = path.stat().st_size
         os.replace(path, partial / shard.file)
@@ -181,6 +181,51 @@ def import_ray() -> Any:
     return ray
 
 
+def refuse_stream(stream: object) -> None:
+    """``--ray`` reads sources from disk on every worker: a streamed plan (its reader holds the driver's Hub
+    session) is refused in one line rather than shipped to workers that could not use it."""
+    if stream is not None:
+        raise RecipeError(
+            "--ray merges sources every worker reads from disk; fetch: stream is not distributed: use --cache "
+            "(the HF cache) or local folders",
+            field="sources.fetch",
+        )
+
+
+def task_gpus(ray: Any, settings: RayMerge, device: str) -> float:
+    """The GPUs each task asks for (default: 1 when accumulating on cuda); asking for more CPUs or GPUs per task
+    than the whole cluster has is one line, since Ray would wait for them for ever."""
+    gpus = settings.gpus_per_task
+    if gpus is None:
+        gpus = 1 if device.startswith("cuda") else 0
+    cluster = ray.cluster_resources()
+    for flag, asked, kind in (
+        ("--ray-cpus-per-task", settings.cpus_per_task, "CPU"),
+        ("--ray-gpus-per-task", gpus, "GPU"),
+    ):
+        if asked > cluster.get(kind, 0):
+            raise InvalidValueError(
+                f"{flag} {asked:g}: the Ray cluster has {cluster.get(kind, 0):g} {kind}s in all, so no task could start"
+            )
+    return gpus
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Ray, started for this command unless the caller already did (then it is the caller's to shut down); the
+    process's own Ctrl-C and SIGTERM handlers are kept, so an interruption still cleans up partial folders."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    with kept_signal_handlers():
+        if started:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        try:
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()
+
+
 def execute_on_ray(
     plan: MergePlan,
     settings: RayMerge | None = None,
@@ -192,35 +237,22 @@ def execute_on_ray(
     """Carry out ``plan`` with one Ray task per output shard; the output appears at ``plan.output`` only when
     every shard came back and verified, bit-identical to :func:`~hubmerge.merging.executor.execute`'s."""
     settings = settings or RayMerge()
-    if plan.stream is not None:
-        raise RecipeError(
-            "--ray merges sources every worker reads from disk; fetch: stream is not distributed: use --cache "
-            "(the HF cache) or local folders",
-            field="sources.fetch",
-        )
-    ray = import_ray()  # the device is checked by each task, where the merge runs (the driver may have no GPU)
+    refuse_stream(plan.stream)
     began = time.perf_counter()
     note_dead_partials(remove_dead_partials(plan.output), display)
-    started = not ray.is_initialized()
     out = OutputDir(plan.output, force=force)
-    with kept_signal_handlers():
-        if started:
-            ray.init(address=settings.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        try:
-            with out as folder:
-                done = run_tasks(ray, plan, settings, folder, display, threads)
-                checks = NonFinite(plan.nonfinite, plan.sources)
-                for d in done:
-                    checks.in_sources.update(d.in_sources)
-                    checks.in_outputs.update(d.in_outputs)
-                for leftover in folder.glob(f"{ATTEMPT_PREFIX}*"):  # the attempts of killed workers
-                    shutil.rmtree(leftover, ignore_errors=True)
-                record = checks.record(merge_pass(plan).windows[0])
-                files = finish_output(plan, folder, {d.file: d.sha256 for d in done}, record)
-                out.commit()
-        finally:
-            if started:
-                ray.shutdown()
+    # the device is checked by each task, where the merge runs (the driver may have no GPU)
+    with ray_session(settings.address) as ray, out as folder:
+        done = run_tasks(ray, plan, settings, folder, display, threads)
+        checks = NonFinite(plan.nonfinite, plan.sources)
+        for d in done:
+            checks.in_sources.update(d.in_sources)
+            checks.in_outputs.update(d.in_outputs)
+        for leftover in folder.glob(f"{ATTEMPT_PREFIX}*"):  # the attempts of killed workers
+            shutil.rmtree(leftover, ignore_errors=True)
+        record = checks.record(merge_pass(plan).windows[0])
+        files = finish_output(plan, folder, {d.file: d.sha256 for d in done}, record)
+        out.commit()
     for line in nonfinite_lines(record):
         display.note(f"warning: {line}")
     return MergeResult(plan.output, files, time.perf_counter() - began, plan.bytes_read, plan.bytes_written)
@@ -234,18 +266,7 @@ def run_tasks(
     The first task that fails for good cancels the rest (so none writes on into a folder about to be removed)
     and fails the merge: a hubmerge error raised in the task as it is (its exit code and message), anything
     else (a worker that died on every attempt) as one line naming the shard."""
-    gpus = settings.gpus_per_task
-    if gpus is None:
-        gpus = 1 if plan.device.startswith("cuda") else 0
-    cluster = ray.cluster_resources()
-    for flag, asked, kind in (
-        ("--ray-cpus-per-task", settings.cpus_per_task, "CPU"),
-        ("--ray-gpus-per-task", gpus, "GPU"),
-    ):
-        if asked > cluster.get(kind, 0):  # Ray would wait for it forever
-            raise InvalidValueError(
-                f"{flag} {asked:g}: the Ray cluster has {cluster.get(kind, 0):g} {kind}s in all, so no task could start"
-            )
+    gpus = task_gpus(ray, settings, plan.device)
     remote = ray.remote(
         num_cpus=settings.cpus_per_task, num_gpus=gpus, memory=plan.memory_estimate, max_retries=RAY_RETRIES
     )(write_shard)
@@ -254,21 +275,41 @@ def run_tasks(
         remote.remote(plan_ref, k, sources, str(folder), threads): shard
         for k, (shard, sources) in enumerate(zip(plan.shards, shard_sources(plan), strict=True))
     }
+    names = {ref: f"shard {shard.file}" for ref, shard in futures.items()}
     done: dict[str, ShardDone] = {}
-    with display.count(f"merging on Ray: {len(futures)} shard tasks", len(futures)) as bar:
-        pending = list(futures)
+    with (
+        display.count(f"merging on Ray: {len(futures)} shard tasks", len(futures)) as bar,
+        contextlib.closing(results_as_done(ray, names, plan.output, "nothing was written")) as results,
+    ):
+        for ref, result in results:
+            shard = futures[ref]
+            check_shard(folder, shard, result)
+            done[shard.file] = result
+            bar.advance(1)
+    return [done[s.file] for s in plan.shards]
+
+
+def results_as_done(ray: Any, names: dict[Any, str], path: Path, written: str) -> Iterator[tuple[Any, Any]]:
+    """``(ref, result)`` of each task as it finishes. The first task that fails for good stops the rest (so none
+    writes on into a folder about to be removed) and fails the run: a hubmerge error raised in the task as it is
+    (its exit code and message), anything else (a worker that died on every attempt) as one line naming the task
+    (``names[ref]``) and ending with ``written``, what was left. Closing the generator early (the caller's own
+    check failed) stops the tasks still running too."""
+    pending = list(names)
+    try:
         while pending:
             try:
                 ready, pending = ray.wait(pending, num_returns=1)
-            except BaseException:  # Ctrl-C, SIGTERM: the partial folder goes; no task may write on into it
+            except BaseException:  # Ctrl-C, SIGTERM: the partial folders go; no task may write on into them
                 for ref in pending:
                     ray.cancel(ref, force=True)
+                pending = []
                 raise
-            shard = futures[ready[0]]
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as e:
                 stop_tasks(ray, pending)
+                pending = []
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, HubmergeError):
                     raise cause from None
@@ -279,18 +320,14 @@ def run_tasks(
                     else f"failed on all {RAY_RETRIES + 1} attempts"
                 )
                 raise RayMergeError(
-                    f"shard {shard.file}: its Ray task {how} ({type(cause or e).__name__}: "
-                    f"{what[-1] if what else 'no message'}); nothing was written",
-                    path=plan.output,
+                    f"{names[ready[0]]}: its Ray task {how} ({type(cause or e).__name__}: "
+                    f"{what[-1] if what else 'no message'}); {written}",
+                    path=path,
                 ) from None
-            try:
-                check_shard(folder, shard, result)
-            except RayMergeError:
-                stop_tasks(ray, pending)
-                raise
-            done[shard.file] = result
-            bar.advance(1)
-    return [done[s.file] for s in plan.shards]
+            yield ready[0], result
+    finally:
+        if pending:
+            stop_tasks(ray, pending)
 
 
 def stop_tasks(ray: Any, pending: list[Any]) -> None:

@@ -33,15 +33,21 @@ Resuming: a window whose folder holds a ``hubmerge.json`` for the same sources, 
 with every listed file present and matching its hash, is not recomputed; nor is a window that was
 handed over and deleted (``keep=False`` leaves ``ROOT/NAME.deleted.json``, its provenance, behind).
 A rerun reads only the sources its unfinished windows need.
+
+On Ray (``run_sweep(..., ray=RayMerge(...))``, ``hubmerge sweep --ray``): each pass is one Ray task that commits
+its windows under ``root`` (a path every worker sees) and returns their hashes; the driver hands them over as
+here, so what ``on_window`` sees, and what is deleted, is the same as on one machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +60,19 @@ from hubmerge.io.files import atomic_write, check_free_space, free_space, sha256
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.provenance import PROVENANCE_FILE, try_read_provenance
 from hubmerge.io.writer import remove_dead_partials
+from hubmerge.merging.distributed import (
+    RAY_RETRIES,
+    RayMerge,
+    crash_hook,
+    import_ray,
+    refuse_stream,
+    results_as_done,
+    task_gpus,
+)
 from hubmerge.merging.executor import (
     Pass,
     Window,
+    WindowFiles,
     hashed_order,
     needed_sources,
     nonfinite_lines,
@@ -554,8 +570,12 @@ def run_sweep(
     keep: bool = True,
     display: Display = QUIET,
     threads: int = 1,
+    ray: RayMerge | None = None,
 ) -> SweepResult:
     """Compute the plan's unfinished windows, pass by pass, handing each finished window to ``on_window``.
+
+    ``ray``: each pass is one Ray task (see :func:`ray_passes`); the driver still hands the windows over, one
+    by one, as their passes come back, so ``on_window`` and the deletions run here as on one machine.
 
     Windows an earlier run finished (and left on disk) are handed over first, without recomputing them.
     ``keep=False`` deletes each window after ``on_window`` returns (leaving ``NAME.deleted.json``, so a
@@ -585,11 +605,13 @@ def run_sweep(
     with torch_threads(threads):
         accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(plan.max_open)]
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
-        with display.bytes(description, plan.bytes_read) as bar:
-            for i, batch in enumerate(plan.batches):
-                if len(plan.batches) > 1:
-                    bar.update(description=f"{description}, pass {i + 1}/{len(plan.batches)}")
-                committed, nread = run_pass(_pass(plan, batch), accs, bar)
+        with display.bytes(description, plan.bytes_read) as bar, contextlib.ExitStack() as stack:
+            passes = (
+                stack.enter_context(contextlib.closing(ray_passes(plan, ray, threads, bar)))
+                if ray is not None
+                else local_passes(plan, accs, bar, description)
+            )
+            for committed, nread in passes:
                 result.passes += 1
                 result.bytes_read += nread
                 for done in committed:
@@ -602,6 +624,83 @@ def run_sweep(
                     _hand_over(out, on_window, keep, threads=caller_threads)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def local_passes(
+    plan: SweepPlan, accs: list[Any], bar: Any, description: str
+) -> Iterator[tuple[list[WindowFiles], int]]:
+    """The passes on this machine, one after the other: each pass's committed windows and the bytes it read."""
+    for i, batch in enumerate(plan.batches):
+        if len(plan.batches) > 1:
+            bar.update(description=f"{description}, pass {i + 1}/{len(plan.batches)}")
+        yield run_pass(_pass(plan, batch), accs, bar)
+
+
+def ray_passes(plan: SweepPlan, settings: RayMerge, threads: int, bar: Any) -> Iterator[tuple[list[WindowFiles], int]]:
+    """Each pass as one Ray task (:func:`ray_pass`), yielded as it comes back: the shared read stays per pass,
+    so each source byte is read once per pass, as on one machine, and the passes run side by side.
+
+    Sources and ``plan.root`` must be at paths every worker sees. A task whose worker dies is retried once; one
+    that fails twice fails the sweep with one line naming its pass and windows; the windows of passes already
+    back stay committed (complete, and skipped by a rerun), those of the failed pass were never committed.
+    Without ``keep``, up to one pass's windows per running task exist at once (``max_windows_on_disk`` is per
+    pass)."""
+    refuse_stream(plan.stream)
+    ray = import_ray()
+    gpus = task_gpus(ray, settings, "cpu")
+    remote = ray.remote(
+        num_cpus=settings.cpus_per_task, num_gpus=gpus, memory=plan.memory_estimate, max_retries=RAY_RETRIES
+    )(ray_pass)
+    plan.root.mkdir(parents=True, exist_ok=True)  # made here, so that a worker that cannot see it can say so
+    plan_ref = ray.put(plan)
+    total = len(plan.batches)
+    names = {
+        remote.remote(plan_ref, i, threads): f"sweep pass {i + 1}/{total} ({', '.join(w.name for w in batch)})"
+        for i, batch in enumerate(plan.batches)
+    }
+    try:
+        with contextlib.closing(
+            results_as_done(ray, names, plan.root, "its windows were not committed; a rerun computes only them")
+        ) as results:
+            for _, (committed, nread) in results:
+                bar.advance(nread)
+                yield committed, nread
+    finally:  # the partial folders of killed attempts (on this host; a retry removes those on its own)
+        _remove_stale_partials(plan, QUIET)
+
+
+def ray_pass(plan: SweepPlan, index: int, threads: int) -> tuple[list[WindowFiles], int]:
+    """A Ray task: run pass ``index`` of ``plan`` on this worker, committing its windows under ``plan.root``.
+
+    A retry after a killed attempt first removes that attempt's partial folders, and does not rebuild a window
+    the killed attempt had already committed (its folder matches its ``hubmerge.json``): it is returned as is."""
+    import torch
+
+    batch = plan.batches[index]
+    if not plan.root.is_dir():
+        raise OutputError(
+            f"{plan.root}: the sweep's output folder is not visible on this Ray worker (pid {os.getpid()}); "
+            "--ray writes output.path from every worker: put it on a file system they all share",
+            path=plan.root,
+        )
+    finished: list[WindowFiles] = []
+    rest = []
+    for w in batch:
+        out = plan.plans[w.name].output
+        remove_dead_partials(out)
+        if w.size > 1 and not plan.force and out.is_dir() and incomplete_reason(out, plan.plans[w.name]) is None:
+            files = json.loads((out / PROVENANCE_FILE).read_text())["files"]
+            finished.append(WindowFiles(w, out, files))
+        else:
+            rest.append(w)
+    if not rest:
+        return finished, 0
+    name = f"pass-{index + 1}"
+    with torch_threads(threads):
+        accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(max_open_windows(rest))]
+        with QUIET.bytes("", 0) as bar:
+            committed, nread = run_pass(_pass(plan, rest), accs, bar, describe=lambda k: crash_hook(name) or "")
+    return finished + committed, nread
 
 
 def sweep(

@@ -37,6 +37,7 @@ from hubmerge.hub.stream import OpenedStream, open_stream
 from hubmerge.io.checkpoint import SourceRef
 from hubmerge.io.files import atomic_write
 from hubmerge.io.progress import QUIET, Display
+from hubmerge.merging.distributed import RayMerge, ray_session, refuse_stream, task_gpus
 from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
 from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
 from hubmerge.results.keys import model_key, task_key
@@ -230,12 +231,46 @@ def run_sweep_recipe(
     keep: bool | None = None,
     out: str | Path | None = None,
     stream: bool | None = None,
+    ray: RayMerge | None = None,
 ) -> SweepReport:
     """``hubmerge sweep RECIPE``: score the raw checkpoints, build and score every averaged window (one shared
     read), compute the ensembles from stored scores, and write the stability report and recommendation.
 
     ``stream`` overrides a Hub recipe's ``sources.fetch``: streamed, no weight is downloaded (see
-    :mod:`hubmerge.hub.stream`); raw checkpoints are then scored from exact copies written in the same pass."""
+    :mod:`hubmerge.hub.stream`); raw checkpoints are then scored from exact copies written in the same pass.
+
+    ``ray``: the same sweep on a Ray cluster, one Ray instance for the whole command. Each pass is one Ray task
+    that builds its windows under ``output.path`` (a path every worker sees); every window and raw checkpoint
+    is then scored by (model, task) Ray tasks that return their rows, and only this driver writes the store and
+    the report, so both equal a one-machine sweep's."""
+    if ray is not None:
+        with ray_session(ray.address) as session:
+            return _sweep(recipe, client, display, keep, out, stream, ray, ray_eval_resources(session, ray))
+    return _sweep(recipe, client, display, keep, out, stream, None, None)
+
+
+def ray_eval_resources(session: Any, ray: RayMerge) -> dict[str, float]:
+    """What each scoring task asks for: the CPUs given, and one GPU where the cluster has one (unless told)."""
+    gpus = ray.gpus_per_task
+    if gpus is None:
+        gpus = 1.0 if session.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    task_gpus(session, dataclasses.replace(ray, gpus_per_task=gpus), "cpu")  # more than the cluster has: one line
+    return {"num_cpus": ray.cpus_per_task, "num_gpus": gpus}
+
+
+def _sweep(
+    recipe: RecipeDocument | str | Path,
+    client: HubClient | None,
+    display: Display,
+    keep: bool | None,
+    out: str | Path | None,
+    stream: bool | None,
+    ray: RayMerge | None,
+    resources: dict[str, float] | None,
+) -> SweepReport:
+    """The sweep itself; ``ray`` and ``resources`` (the scoring tasks') are set together or not at all."""
+    device = "cuda" if resources and resources["num_gpus"] > 0 else "cpu"
+    on_ray: dict[str, Any] = {"use_ray": True, "ray_resources": resources, "device": device} if ray else {}
     doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
     recipe_ = doc.recipe
     where = doc.where
@@ -247,6 +282,8 @@ def run_sweep_recipe(
     if isinstance(recipe_.sources, HubSources):
         hub = recipe_.sources
         streamed = stream if stream is not None else hub.fetch == "stream"
+        if streamed and ray is not None:
+            refuse_stream(streamed)
         if streamed:
             check_online(doc, client)
         resolved = resolve_hub_sources(
@@ -278,7 +315,7 @@ def run_sweep_recipe(
     copies: list[int] = []
     if opened is None:
         raw = source_targets(sources)
-        run_eval(plan_eval(raw, tasks, store), store, client=client, batch_size=bs, display=display)
+        run_eval(plan_eval(raw, tasks, store), store, client=client, batch_size=bs, display=display, **on_ray)
     else:
         # Streamed: the raw checkpoints are not on disk. Those still lacking scores are written as exact copies in
         # the sweep's own pass (each source byte is read once) and scored there, under their own content keys.
@@ -303,7 +340,7 @@ def run_sweep_recipe(
         else:
             target = target_from_folder(wo.path, label=wo.window.name)
             window_keys[wo.window.name] = target.key
-        run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display)
+        run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display, **on_ray)
 
     result = None
     windows = []
@@ -325,7 +362,7 @@ def run_sweep_recipe(
             **(stream_options(opened, copies) if opened is not None else {}),
         )
         windows = splan.windows
-        result = run_sweep(splan, on_window=on_window, keep=keep, display=display)
+        result = run_sweep(splan, on_window=on_window, keep=keep, display=display, ray=ray)
         for name in result.skipped:  # deleted in an earlier run: its scores are in the store
             window_keys[name] = _window_key_of_tombstone(root / f"{name}{DELETED_SUFFIX}")
 

@@ -1,0 +1,132 @@
+"""``hubmerge sweep --ray``: a real local Ray instance (two worker CPUs, no mock) builds and scores a sweep.
+
+The same recipe is swept once on this machine, its outputs moved aside, and then on Ray into the same paths (the
+report records the recipe and the window folders), so the store's rows and every report file must come out equal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_sweep import sweep_recipe, trajectory  # noqa: F401 (trajectory: the fixture, shared)
+from typer.testing import CliRunner
+
+from hubmerge.cli.app import app
+from hubmerge.errors import RayMergeError, RecipeError
+from hubmerge.merging.distributed import RayMerge
+from hubmerge.results.store import ResultsStore
+from hubmerge.workflows.sweep import run_sweep_recipe
+
+# max_windows_on_disk 3: the nine windows of sizes 2 and 3 over six checkpoints are three passes (three tasks).
+PASSES = 3
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, trajectory) -> Path:  # noqa: F811
+    """A folder holding the recipe and the one-machine sweep's outputs, moved to ``local-sweep``/``local-res``;
+    each test sweeps on Ray into ``sweep``/``res`` there, as the recipe says."""
+    ckpts, pairs = trajectory
+    root = tmp_path_factory.mktemp("ray-sweep")
+    sweep_recipe(root, ckpts, pairs, max_windows_on_disk=3)
+    run_sweep_recipe(root / "sweep.yaml")
+    (root / "sweep").rename(root / "local-sweep")
+    (root / "res").rename(root / "local-res")
+    return root
+
+
+@pytest.fixture
+def fresh(base: Path) -> Path:
+    """No Ray outputs left by an earlier test: each starts from nothing."""
+    for name in ("sweep", "res"):
+        shutil.rmtree(base / name, ignore_errors=True)
+    return base
+
+
+def store_rows(folder: Path) -> tuple[list, list, list]:
+    """Everything the store holds that a sweep writes: scores, per-example predictions, log-likelihoods."""
+    store = ResultsStore(folder)
+    rows = []
+    for table in ("predictions", "logliks"):
+        path = store.export(folder.parent / f"{folder.name}-{table}.json", table=table)
+        rows.append(sorted(json.dumps(r, sort_keys=True) for r in json.loads(path.read_text())))
+        path.unlink()
+    return sorted(map(repr, store.scores())), *rows  # type: ignore[return-value]
+
+
+def assert_same_as_local(base: Path) -> None:
+    assert store_rows(base / "res") == store_rows(base / "local-res")
+    local, ray = base / "local-sweep", base / "sweep"
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(ray).as_posix() for p in ray.rglob("*") if p.is_file())
+    assert "report/recommendation.json" in names and "report/stability.csv" in names
+    for name in names:
+        if not name.endswith(".png"):  # plots carry matplotlib's render details; the figures behind them are checked
+            assert (local / name).read_bytes() == (ray / name).read_bytes(), name
+    assert not [p for p in ray.iterdir() if p.name.startswith(".")]  # no partial folder left
+
+
+def test_a_sweep_on_ray_equals_one_on_this_machine(ray_cluster, fresh):
+    res = CliRunner().invoke(app, ["sweep", str(fresh / "sweep.yaml"), "--ray", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    assert_same_as_local(fresh)
+
+
+def test_a_worker_killed_mid_pass_is_retried_and_the_results_are_unchanged(ray_cluster, fresh, crash_dir):
+    flag = crash_dir / "crash-once-pass-2"
+    flag.touch()
+    report = run_sweep_recipe(fresh / "sweep.yaml", ray=RayMerge())
+    assert not flag.exists() and flag.with_name(flag.name + ".done").exists()  # it did kill a worker
+    assert report.windows == 9
+    assert_same_as_local(fresh)
+
+
+def test_a_rerun_on_ray_skips_what_the_store_and_the_output_hold(ray_cluster, fresh):
+    recipe = fresh / "sweep.yaml"
+    run_sweep_recipe(recipe, ray=RayMerge())
+    again = run_sweep_recipe(recipe, ray=RayMerge())
+    assert again.bytes_read == 0 and again.windows == 9  # nothing rebuilt, every window's scores from the store
+    # A driver stopped after a pass: a window it never handed over (no tombstone) is built again, alone.
+    tomb = next((fresh / "sweep").glob("w3-*.deleted.json"))
+    tomb.unlink()
+    partly = run_sweep_recipe(recipe, ray=RayMerge())
+    assert partly.bytes_read > 0 and tomb.exists()
+    assert_same_as_local(fresh)
+
+
+def test_a_pass_that_fails_twice_fails_the_sweep_in_one_line(ray_cluster, fresh, crash_dir):
+    flag = crash_dir / "crash-always-pass-1"
+    flag.touch()
+    try:
+        with pytest.raises(RayMergeError, match=r"^sweep pass 1/3 \(w2-.*\): its Ray task failed on all 2 attempts"):
+            run_sweep_recipe(fresh / "sweep.yaml", ray=RayMerge())
+    finally:
+        flag.unlink()
+    assert not [p for p in (fresh / "sweep").iterdir() if p.name.startswith(".w2-")]  # nothing half-written
+
+
+def test_a_streamed_sweep_on_ray_is_refused_in_one_line(ray_cluster, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "sources": {"repo": "org/m", "select": {"last": 3}, "fetch": "stream"},
+                "output": {"path": str(tmp_path / "out")},
+                "evaluate": {"tasks": "blimp", "results": str(tmp_path / "res")},
+                "sweep": {"sizes": [2]},
+            }
+        )
+    )
+    with pytest.raises(RecipeError, match="fetch: stream is not distributed"):
+        run_sweep_recipe(recipe, ray=RayMerge())
+
+
+def test_more_cpus_per_task_than_the_cluster_has_is_one_line(ray_cluster, fresh):
+    res = CliRunner().invoke(app, ["sweep", str(fresh / "sweep.yaml"), "--ray", "--ray-cpus-per-task", "3", "-q"])
+    assert res.exit_code == 2
+    assert "--ray-cpus-per-task 3: the Ray cluster has 2 CPUs in all" in res.output
+    assert not (fresh / "res").exists()  # refused before anything was scored
