@@ -132,9 +132,10 @@ class MissingExtraError(HubmergeError):
     """A feature needs an optional extra that is not installed (``hubmerge[ray]``, ``hubmerge[lm-eval]``)."""
 
 
-class RayMergeError(HubmergeError):
-    """A Ray task of a distributed merge failed on every attempt (its worker died, or it raised something that is
-    not a hubmerge error); the message names the shard, and nothing of the merge was committed."""
+class ClusterError(HubmergeError):
+    """A Ray task failed for good: its worker died on every attempt, or it raised something that is not a hubmerge
+    error. The message names the task (a merge's shard, a sweep's pass, a (model, task) scoring) and says what was
+    left: nothing of a merge, the finished windows of a sweep, the rows already stored of an evaluation."""
 
 
 class ResultFileError(HubmergeError):

@@ -95,18 +95,21 @@ def crash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(crash_dir: Path):
+def ray_cluster(crash_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One local Ray instance per test module, two CPUs (two worker processes at a time), whose workers see the
-    fault hook's folder; without the extra, the tests that need it are skipped (the one-line error without Ray
-    is tested either way)."""
+    fault hook's folder and have caches of their own (HF cache, hubmerge's hash cache), as a worker on another
+    node would: what they need of the Hub they fetch themselves. Without the extra, the tests that need it are
+    skipped (the one-line error without Ray is tested either way)."""
     ray = pytest.importorskip("ray")
-    from hubmerge.merging.distributed import CRASH_HOOK_ENV
+    from hubmerge.io.cluster import CRASH_HOOK_ENV
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {CRASH_HOOK_ENV: str(crash_dir)}},
-    )
+    home = tmp_path_factory.mktemp("ray-worker-home")
+    env = {
+        CRASH_HOOK_ENV: str(crash_dir),
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_CACHE": str(home / "hf" / "hub"),
+        "HUBMERGE_CACHE": str(home / "hubmerge"),
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()

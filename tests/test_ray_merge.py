@@ -17,8 +17,9 @@ from factories import save_trajectory, write_recipe
 from typer.testing import CliRunner
 
 from hubmerge.cli.app import app
-from hubmerge.errors import MissingExtraError, RayMergeError, RecipeError
-from hubmerge.merging.distributed import RayMerge, execute_on_ray, import_ray
+from hubmerge.errors import ClusterError, MissingExtraError
+from hubmerge.io.cluster import RayOptions, import_ray
+from hubmerge.merging.distributed import execute_on_ray
 from hubmerge.merging.recipe import load_recipe
 from hubmerge.workflows.merge import merge_recipe, plan_merge
 
@@ -60,7 +61,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_output_is_unchanged(ray_clu
     recipe, local = local_then_ray_recipe(tmp_path, trajectory)
     flag = crash_dir / f"crash-once-{SHARDS[1]}"
     flag.touch()
-    result = merge_recipe(recipe, ray=RayMerge())
+    result = merge_recipe(recipe, ray=RayOptions())
     assert not flag.exists() and flag.with_name(flag.name + ".done").exists()  # the first attempt died
     assert_same_files(local, result.output)
     files = json.loads((result.output / "hubmerge.json").read_text())["files"]
@@ -78,20 +79,16 @@ def test_a_shard_failing_on_every_attempt_fails_the_merge_in_one_line_and_writes
         res = CliRunner().invoke(app, ["merge", str(recipe), "--ray", "--quiet"])
     finally:
         flag.unlink()
-    assert res.exit_code == RayMergeError.exit_code
+    assert res.exit_code == ClusterError.exit_code
     # Ray's driver prints its own "(raylet) A worker died ..." notes as they happen; hubmerge's account is one line
     lines = [line for line in res.output.splitlines() if line.strip() and "(raylet)" not in line]
     assert len(lines) == 1 and SHARDS[0] in lines[0] and "2 attempts" in lines[0], res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no output, no partial folder
 
 
-def test_ray_missing_and_streamed_sources_are_one_line_errors(trajectory, tmp_path, monkeypatch):
-    from dataclasses import replace
-
+def test_ray_missing_is_a_one_line_error(trajectory, tmp_path, monkeypatch):
     out = tmp_path / "out"
     plan = plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", trajectory, out)))
-    with pytest.raises(RecipeError, match="fetch: stream is not distributed"):
-        execute_on_ray(replace(plan, stream=object()))  # type: ignore[arg-type]
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
     with pytest.raises(MissingExtraError, match=r"pip install 'hubmerge\[ray\]'"):
         import_ray()
@@ -171,7 +168,7 @@ def test_nonfinite_counts_from_several_tasks_are_recorded_as_one_machine_records
     out.rename(tmp_path / "local")
     index = json.loads((tmp_path / "local" / "model.safetensors.index.json").read_text())["weight_map"]
     assert index[tensors[0]] != index[tensors[1]]  # counted by two different tasks
-    merge_recipe(recipe, ray=RayMerge())
+    merge_recipe(recipe, ray=RayOptions())
     assert_same_files(tmp_path / "local", out)
     record = json.loads((out / "hubmerge.json").read_text())["nonfinite"]["sources"]
     assert [r["tensor"] for r in record] == tensors
@@ -223,7 +220,63 @@ def test_a_model_of_one_shard_runs_as_one_task_and_is_bit_identical(ray_cluster,
     recipe = write_recipe(tmp_path / "r.yaml", trajectory, out)
     merge_recipe(recipe)
     out.rename(tmp_path / "local")
-    merge_recipe(recipe, ray=RayMerge())
+    merge_recipe(recipe, ray=RayOptions())
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in (tmp_path / "local").iterdir()) and "model.safetensors" in names
     assert all((out / n).read_bytes() == (tmp_path / "local" / n).read_bytes() for n in names)
+
+
+def test_a_streamed_merge_on_ray_is_bit_identical_and_a_corrupt_byte_on_the_hub_is_refused(
+    ray_cluster, trajectory, tmp_path, hub, hub_api, client, hf_cache
+):
+    """Each shard's task range-reads the Hub itself and verifies every file it reads; the driver's HF cache gets
+    no weight byte, and a byte flipped in transit fails the run (exit 5) with the earlier output untouched."""
+    seed_hub(hub_api, "org/tiny", trajectory)
+    out = tmp_path / "out"
+    data = {
+        "name": "test-merge",
+        "sources": {"repo": "org/tiny", "select": {"last": 3}, "fetch": "stream"},
+        "output": {"path": str(out), "max_shard_size": "20KB"},
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    merge_recipe(recipe, client)
+    out.rename(tmp_path / "local")
+    merge_recipe(recipe, client, ray=RayOptions())
+    assert_same_files(tmp_path / "local", out)
+    assert set(SHARDS) <= {p.name for p in out.iterdir()}  # three shards: three tasks, each streaming
+    assert not [p for p in hf_cache.rglob("*.safetensors")]  # streamed: weights went nowhere on this machine
+
+    hub.inject_corrupt("org/tiny", "model-00002-of-00002.safetensors")
+    res = CliRunner().invoke(
+        app, ["merge", str(recipe), "--ray", "--force", "--endpoint", hub.url, "--quiet"], env={"HF_TOKEN": "hf_test"}
+    )
+    assert res.exit_code == 5, res.output
+    assert "model-00002-of-00002.safetensors does not match the sha256" in res.output
+    assert_same_files(tmp_path / "local", out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_shards_come_back_to_the_driver_from_workers_that_do_not_share_the_output(ray_cluster, trajectory, tmp_path):
+    recipe, local = local_then_ray_recipe(tmp_path, trajectory)
+    result = merge_recipe(recipe, ray=RayOptions(output="driver"))
+    assert_same_files(local, result.output)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_worker_that_cannot_see_the_output_returns_the_shard_unless_told_it_is_shared(trajectory, tmp_path):
+    """The task itself, run here: ``auto`` sends the bytes back, ``shared`` refuses in one line."""
+    from hubmerge.errors import OutputError
+    from hubmerge.io.files import sha256_file
+    from hubmerge.merging.distributed import shard_size, write_shard
+
+    recipe, local = local_then_ray_recipe(tmp_path, trajectory)
+    plan = plan_merge(load_recipe(recipe))
+    unseen = str(tmp_path / "elsewhere" / ".out.partial")
+    done = write_shard(plan, 1, plan.sources, unseen, threads=1)
+    assert done.data is not None and len(done.data) == done.size == shard_size(plan.shards[1])
+    assert done.file == SHARDS[1] and done.sha256 == sha256_file(local / SHARDS[1])
+    assert done.data == (local / SHARDS[1]).read_bytes()
+    with pytest.raises(OutputError, match="not visible on this Ray worker.*--ray-output auto"):
+        write_shard(plan, 1, plan.sources, unseen, threads=1, output="shared")
+    assert not (tmp_path / "elsewhere").exists()

@@ -11,13 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from test_hub_flow import seed
+from test_stream import grammar  # noqa: F401 (the fixture, shared)
+from test_stream import sweep_recipe as stream_sweep_recipe
 from test_sweep import sweep_recipe, trajectory  # noqa: F401 (trajectory: the fixture, shared)
 from typer.testing import CliRunner
 
 from hubmerge.cli.app import app
-from hubmerge.errors import RayMergeError, RecipeError
-from hubmerge.merging.distributed import RayMerge
+from hubmerge.errors import ClusterError, OutputError, SourceError
+from hubmerge.io.cluster import RayOptions
 from hubmerge.results.store import ResultsStore
 from hubmerge.workflows.sweep import run_sweep_recipe
 
@@ -78,7 +80,7 @@ def test_a_sweep_on_ray_equals_one_on_this_machine(ray_cluster, fresh):
 def test_a_worker_killed_mid_pass_is_retried_and_the_results_are_unchanged(ray_cluster, fresh, crash_dir):
     flag = crash_dir / "crash-once-pass-2"
     flag.touch()
-    report = run_sweep_recipe(fresh / "sweep.yaml", ray=RayMerge())
+    report = run_sweep_recipe(fresh / "sweep.yaml", ray=RayOptions())
     assert not flag.exists() and flag.with_name(flag.name + ".done").exists()  # it did kill a worker
     assert report.windows == 9
     assert_same_as_local(fresh)
@@ -86,13 +88,13 @@ def test_a_worker_killed_mid_pass_is_retried_and_the_results_are_unchanged(ray_c
 
 def test_a_rerun_on_ray_skips_what_the_store_and_the_output_hold(ray_cluster, fresh):
     recipe = fresh / "sweep.yaml"
-    run_sweep_recipe(recipe, ray=RayMerge())
-    again = run_sweep_recipe(recipe, ray=RayMerge())
+    run_sweep_recipe(recipe, ray=RayOptions())
+    again = run_sweep_recipe(recipe, ray=RayOptions())
     assert again.bytes_read == 0 and again.windows == 9  # nothing rebuilt, every window's scores from the store
     # A driver stopped after a pass: a window it never handed over (no tombstone) is built again, alone.
     tomb = next((fresh / "sweep").glob("w3-*.deleted.json"))
     tomb.unlink()
-    partly = run_sweep_recipe(recipe, ray=RayMerge())
+    partly = run_sweep_recipe(recipe, ray=RayOptions())
     assert partly.bytes_read > 0 and tomb.exists()
     assert_same_as_local(fresh)
 
@@ -101,28 +103,46 @@ def test_a_pass_that_fails_twice_fails_the_sweep_in_one_line(ray_cluster, fresh,
     flag = crash_dir / "crash-always-pass-1"
     flag.touch()
     try:
-        with pytest.raises(RayMergeError, match=r"^sweep pass 1/3 \(w2-.*\): its Ray task failed on all 2 attempts"):
-            run_sweep_recipe(fresh / "sweep.yaml", ray=RayMerge())
+        with pytest.raises(ClusterError, match=r"^sweep pass 1/3 \(w2-.*\): its Ray task failed on all 2 attempts"):
+            run_sweep_recipe(fresh / "sweep.yaml", ray=RayOptions())
     finally:
         flag.unlink()
     assert not [p for p in (fresh / "sweep").iterdir() if p.name.startswith(".w2-")]  # nothing half-written
 
 
-def test_a_streamed_sweep_on_ray_is_refused_in_one_line(ray_cluster, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "s",
-                "sources": {"repo": "org/m", "select": {"last": 3}, "fetch": "stream"},
-                "output": {"path": str(tmp_path / "out")},
-                "evaluate": {"tasks": "blimp", "results": str(tmp_path / "res")},
-                "sweep": {"sizes": [2]},
-            }
-        )
-    )
-    with pytest.raises(RecipeError, match="fetch: stream is not distributed"):
-        run_sweep_recipe(recipe, ray=RayMerge())
+def test_a_streamed_sweep_on_ray_equals_one_here_and_its_workers_fetch_what_they_need(
+    ray_cluster,
+    tmp_path,
+    hub,
+    hub_api,
+    client,
+    hf_cache,
+    grammar,  # noqa: F811
+):
+    """Workers stream the weights from the Hub themselves and, having HF caches of their own (see the fixture),
+    download each window's config and tokenizer there; no weight byte reaches the driver's cache."""
+    ckpts, pairs = grammar
+    seed(hub_api, "org/grammar", ckpts, [p.name for p in ckpts])
+    here = run_sweep_recipe(stream_sweep_recipe(tmp_path, "here", "stream", pairs), client)
+    ray = run_sweep_recipe(stream_sweep_recipe(tmp_path, "ray", "stream", pairs), client, ray=RayOptions())
+    assert ray.windows == here.windows == 5 and ray.bytes_read == here.bytes_read > 0
+    assert ray.comparison.to_dict() == here.comparison.to_dict() and ray.recommendation == here.recommendation
+    assert store_rows(tmp_path / "res-ray") == store_rows(tmp_path / "res-here")
+    assert not list(hf_cache.rglob("*.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "sweep-ray").iterdir() if not p.name.endswith(".json")) == ["report"]
+
+
+def test_workers_that_do_not_share_the_output_return_only_scores(ray_cluster, fresh):
+    """``--ray-output driver``: each pass builds its windows in a folder of its own, scores and deletes them; the
+    driver writes the tombstones, the store and the report, all equal to the one-machine sweep's."""
+    cli = ["sweep", str(fresh / "sweep.yaml"), "--ray", "--ray-output", "driver", "-q"]
+    kept = CliRunner().invoke(app, [*cli, "--keep"])
+    assert kept.exit_code == OutputError.exit_code, kept.output
+    assert "keeps its windows" in kept.output and "--no-keep" in kept.output
+    assert not [p for p in (fresh / "sweep").iterdir() if p.name.startswith("w")]  # no window was committed
+    res = CliRunner().invoke(app, cli)
+    assert res.exit_code == 0, res.output
+    assert_same_as_local(fresh)
 
 
 def test_more_cpus_per_task_than_the_cluster_has_is_one_line(ray_cluster, fresh):
@@ -130,3 +150,20 @@ def test_more_cpus_per_task_than_the_cluster_has_is_one_line(ray_cluster, fresh)
     assert res.exit_code == 2
     assert "--ray-cpus-per-task 3: the Ray cluster has 2 CPUs in all" in res.output
     assert not (fresh / "res").exists()  # refused before anything was scored
+
+
+def test_a_scoring_task_that_fails_stops_the_run_with_its_own_error(ray_cluster, tmp_path, trajectory):  # noqa: F811
+    """Scoring runs on Ray through the same reader of results as merges and passes: a hubmerge error raised in a
+    task (here a model whose config does not load) comes back as itself, one line naming the folder."""
+    from hubmerge.evaluation.runner import load_tasks, plan_eval, run_eval, target_from_folder
+
+    ckpts, pairs = trajectory
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpts[0], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no-such-architecture"}))
+    store = ResultsStore(tmp_path / "res")
+    tasks = load_tasks(["blimp"], data=pairs)
+    plan = plan_eval([target_from_folder(ckpts[1]), target_from_folder(broken)], tasks, store)
+    with pytest.raises(SourceError, match=r"broken: cannot load the model or its tokenizer"):
+        run_eval(plan, store, use_ray=True)

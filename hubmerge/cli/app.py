@@ -178,6 +178,14 @@ RayGpus = Annotated[
         "where the cluster has a GPU)."
     ),
 ]
+RayOutput = Annotated[
+    str,
+    typer.Option(
+        help="Where Ray workers put what they write: auto (the output path where a worker sees it, else back to "
+        "the driver: a merge's shard bytes, a sweep's scores), shared (the output path, every worker must see "
+        "it), driver (always back to the driver)."
+    ),
+]
 Results = Annotated[
     Path | None,
     typer.Option("--results", envvar="HUBMERGE_RESULTS", help="Results folder (default ./hubmerge-results)."),
@@ -217,18 +225,19 @@ def merge(
     ray_address: RayAddress = None,
     ray_cpus_per_task: RayCpus = 1.0,
     ray_gpus_per_task: RayGpus = None,
+    ray_output: RayOutput = "auto",
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder (Hub sources are checked and pulled first,
     or streamed by range requests with --stream; --ray writes its shards on a Ray cluster)."""
-    from hubmerge.merging.distributed import RayMerge, import_ray
+    from hubmerge.io.cluster import RayOptions, import_ray
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.merge import finish_merge, plan_merge, run_merge
 
     device = _device(device)
-    ray = RayMerge(ray_address, ray_cpus_per_task, ray_gpus_per_task) if use_ray or ray_address else None
+    ray = RayOptions(ray_address, ray_cpus_per_task, ray_gpus_per_task, ray_output) if use_ray or ray_address else None
     if ray is not None and not dry_run:
         import_ray()  # without the extra, say so before pulling anything
     doc = load_recipe(recipe)
@@ -712,6 +721,7 @@ def sweep(
     ray_address: RayAddress = None,
     ray_cpus_per_task: RayCpus = 1.0,
     ray_gpus_per_task: RayGpus = None,
+    ray_output: RayOutput = "auto",
     endpoint: Endpoint = None,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -719,11 +729,11 @@ def sweep(
     """Average every window of a trajectory (one shared read), score raw/averaged/ensembled, report stability
     (--ray: each pass and each scoring on Ray tasks; the driver writes the store and the report)."""
     from hubmerge.cli.render import render_comparison
-    from hubmerge.merging.distributed import RayMerge, import_ray
+    from hubmerge.io.cluster import RayOptions, import_ray
     from hubmerge.merging.recipe import load_recipe
     from hubmerge.workflows.sweep import run_sweep_recipe
 
-    ray = RayMerge(ray_address, ray_cpus_per_task, ray_gpus_per_task) if use_ray or ray_address else None
+    ray = RayOptions(ray_address, ray_cpus_per_task, ray_gpus_per_task, ray_output) if use_ray or ray_address else None
     if ray is not None:
         import_ray()  # without the extra, say so before reading anything
     doc = load_recipe(recipe)

@@ -10,13 +10,14 @@ a Ray cluster; the driver alone writes the store.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubmerge.errors import MissingExtraError, RecipeError, SourceError
+from hubmerge.errors import RecipeError, SourceError
 from hubmerge.evaluation.tasks.registry import (
     custom_task,
     expand_tasks,
@@ -29,7 +30,7 @@ from hubmerge.hub.client import HubClient
 from hubmerge.hub.pull import plan_pull, pull
 from hubmerge.hub.revisions import Selector, parse_revision, resolve_selection
 from hubmerge.io.checkpoint import SourceRef
-from hubmerge.io.env import kept_signal_handlers
+from hubmerge.io.cluster import RAY_RETRIES, cluster_gpus, ray_session, results_as_done
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.results.keys import model_key, task_key, weight_hashes_of_folder
 from hubmerge.results.scores import windows
@@ -409,56 +410,33 @@ def _run_ray(
     display: Display,
     resources: Mapping[str, float],
 ) -> int:
-    """One Ray task per (model, task) with work left; each returns its scores, the driver writes them."""
-    try:
-        import ray
-    except ImportError as e:
-        raise MissingExtraError("--ray needs Ray, an optional extra: pip install 'hubmerge[ray]'") from e
-
-    started = not ray.is_initialized()
-    with kept_signal_handlers():
-        if started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        try:
-            return _ray_tasks(
-                plan, store, client, ray, batch_size=batch_size, device=device, display=display, resources=resources
-            )
-        finally:
-            if started:
-                ray.shutdown()
-
-
-def _ray_tasks(
-    plan: EvalPlan,
-    store: ResultsStore,
-    client: HubClient,
-    ray: Any,
-    *,
-    batch_size: int | None,
-    device: str,
-    display: Display,
-    resources: Mapping[str, float],
-) -> int:
-    """Submit the (model, task) pairs with work left, and store each one's scores as it comes back."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device.startswith("cuda") else 0
-    remote = ray.remote(**{"num_gpus": gpus, **resources}, max_retries=2)(ray_score)
-    futures = {}
-    for target in plan.unique_targets():
-        for task in plan.tasks:
-            docs = plan.todo.get((target.key, _task_key(task)))
-            if docs:
-                ref = remote.remote(target, task, docs, batch_size, device, client)
-                futures[ref] = (target, task)
-    scored = 0
-    with display.count("Ray tasks (model, task)", len(futures)) as bar:
-        pending = list(futures)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            target, task = futures[done[0]]
-            for batch in ray.get(done[0]):
-                store_batch(store, target.key, _task_key(task), batch)
-                scored += len(batch["keys"])
-            bar.advance(1)
+    """One Ray task per (model, task) with work left; each returns its scores, the driver stores them as they
+    come. A task that fails for good (twice) stops the others and fails the run with one line naming the model and
+    task; what was stored stays, and a rerun scores only the rest."""
+    with ray_session(address) as ray:
+        gpus = 1 if cluster_gpus(ray) >= 1 and device.startswith("cuda") else 0
+        remote = ray.remote(**{"num_gpus": gpus, **resources}, max_retries=RAY_RETRIES)(ray_score)
+        futures = {}
+        for target in plan.unique_targets():
+            for task in plan.tasks:
+                docs = plan.todo.get((target.key, _task_key(task)))
+                if docs:
+                    ref = remote.remote(target, task, docs, batch_size, device, client)
+                    futures[ref] = (target, task)
+        names = {ref: f"scoring {target.label} on {task.spec.name}" for ref, (target, task) in futures.items()}
+        scored = 0
+        with (
+            display.count("Ray tasks (model, task)", len(futures)) as bar,
+            contextlib.closing(
+                results_as_done(ray, names, None, "the scores of the tasks done are stored; a rerun scores the rest")
+            ) as results,
+        ):
+            for ref, batches in results:
+                target, task = futures[ref]
+                for batch in batches:
+                    store_batch(store, target.key, _task_key(task), batch)
+                    scored += len(batch["keys"])
+                bar.advance(1)
     return scored
 
 

@@ -59,6 +59,11 @@ class RangeClient:
         self._locations: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, tuple[HubClient]]:
+        """Pickled as its client alone (Ray ships a streamed plan to its workers): each process builds its own
+        headers, timeouts and lock, and resolves storage locations afresh."""
+        return (RangeClient, (self.client,))
+
     def resolve_url(self, repo: str, commit: str, name: str) -> str:
         from huggingface_hub import hf_hub_url
 

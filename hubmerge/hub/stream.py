@@ -70,6 +70,7 @@ class StreamSources:
     files: dict[int, dict[str, StreamFile]]
     connections: int = CONNECTIONS
     max_in_flight: int = MAX_IN_FLIGHT
+    sidecars: dict[int, list[str]] = field(default_factory=dict)  # config, tokenizer, index: what the cache holds
 
     @property
     def total_bytes(self) -> int:
@@ -81,6 +82,18 @@ class StreamSources:
 
     def open_reader(self, checkpoints: Sequence[Checkpoint], jobs: Sequence[tuple[int, TensorInfo, int, int]]) -> Any:
         return StreamReader(self, jobs)
+
+    def snapshot(self, source: int) -> Path:
+        """Source ``source``'s snapshot folder in this machine's HF cache, holding its config and tokenizer.
+
+        The driver fetched them when it opened the stream; a Ray worker on another machine (or with another
+        ``HF_HOME``) has none, and downloads them here, through the same client, pinned to the same commit."""
+        any_file = next(iter(self.files[source].values()))
+        folder = snapshot_folder(any_file.repo, any_file.commit)
+        for name in self.sidecars.get(source, []):
+            if not (folder / name).is_file():
+                self.client.client.download(any_file.repo, name, any_file.commit, label=any_file.revision)
+        return folder
 
 
 def read_remote_header(ranges: RangeClient, f: StreamFile) -> bytes:
@@ -149,7 +162,8 @@ def plan_stream(
         checkpoints.append(Checkpoint(folder, "safetensors", list(rf.weights), tensors))
         sha = {w: str(rf.files[w].sha256) for w in rf.weights}
         sources.append(SourceRef(folder, rf.revision, repo=repo, revision=rf.revision, commit=rf.commit, sha256=sha))
-    return sources, checkpoints, StreamSources(ranges, files, connections, max_in_flight)
+    sidecars = {i: list(rf.sidecars) for i, rf in enumerate(listings)}
+    return sources, checkpoints, StreamSources(ranges, files, connections, max_in_flight, sidecars)
 
 
 def snapshot_folder(repo: str, commit: str) -> Path:

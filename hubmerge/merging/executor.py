@@ -158,6 +158,8 @@ class WindowFiles:
     path: Path
     files: dict[str, str]
     nonfinite: dict[str, Any] = field(default_factory=dict)  # policy, and what was found (hubmerge.json's record)
+    scores: Any = None  # on Ray: what the pass's task computed of the window (its scores), for the driver
+    provenance: str | None = None  # on Ray: the hubmerge.json of a window its task already deleted
 
 
 @dataclass

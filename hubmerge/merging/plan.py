@@ -76,6 +76,8 @@ class StreamPlan:
     files: int
     connections: int
     in_flight_bytes: int
+    # source index -> its snapshot folder on this machine, config and tokenizer fetched if missing (a Ray worker)
+    snapshot: Callable[[int], Path] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {

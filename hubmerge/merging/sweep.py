@@ -34,9 +34,10 @@ with every listed file present and matching its hash, is not recomputed; nor is 
 handed over and deleted (``keep=False`` leaves ``ROOT/NAME.deleted.json``, its provenance, behind).
 A rerun reads only the sources its unfinished windows need.
 
-On Ray (``run_sweep(..., ray=RayMerge(...))``, ``hubmerge sweep --ray``): each pass is one Ray task that commits
-its windows under ``root`` (a path every worker sees) and returns their hashes; the driver hands them over as
-here, so what ``on_window`` sees, and what is deleted, is the same as on one machine.
+On Ray (``run_sweep(..., ray=RayOptions(...), score=...)``, ``hubmerge sweep --ray``): each pass is one Ray task
+that reads its sources (paths every worker sees, or the Hub), builds its windows, runs ``score`` on each and,
+without ``keep``, deletes it, returning hashes, scores and provenance; the driver hands them over as here, so what
+``on_window`` sees, and the tombstones left, are the same as on one machine. See :func:`ray_passes`.
 """
 
 from __future__ import annotations
@@ -46,29 +47,23 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hubmerge.errors import OutputError, RecipeError, SourceError
 from hubmerge.io.checkpoint import ITEMSIZE, Checkpoint, SourceRef, open_checkpoint
+from hubmerge.io.cluster import RAY_RETRIES, RayOptions, crash_hook, import_ray, results_as_done
 from hubmerge.io.env import torch_threads
 from hubmerge.io.files import atomic_write, check_free_space, free_space, sha256_file
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.provenance import PROVENANCE_FILE, try_read_provenance
 from hubmerge.io.writer import remove_dead_partials
-from hubmerge.merging.distributed import (
-    RAY_RETRIES,
-    RayMerge,
-    crash_hook,
-    import_ray,
-    refuse_stream,
-    results_as_done,
-    task_gpus,
-)
+from hubmerge.merging.distributed import task_gpus
 from hubmerge.merging.executor import (
     Pass,
     Window,
@@ -258,6 +253,8 @@ class WindowOutput:
     plan: MergePlan
     files: dict[str, str]
     computed: bool  # False when an earlier run had already finished it
+    scores: Any = None  # on Ray: what the pass's task computed of it (see ``ray_passes``'s ``score``)
+    provenance: str | None = None  # on Ray: the hubmerge.json of a window its task deleted (``path`` is gone)
 
 
 @dataclass
@@ -550,11 +547,11 @@ def _hand_over(
         with torch_threads(threads) if threads is not None else nullcontext():
             on_window(out)
     if out.window.size == 1:  # a raw checkpoint's copy: scored, then gone (the store keeps its scores)
-        shutil.rmtree(out.path)
+        shutil.rmtree(out.path, ignore_errors=out.provenance is not None)
     elif not keep:
-        prov = (out.path / PROVENANCE_FILE).read_text()
+        prov = out.provenance if out.provenance is not None else (out.path / PROVENANCE_FILE).read_text()
         atomic_write(out.path.with_name(out.path.name + DELETED_SUFFIX), prov)
-        shutil.rmtree(out.path)
+        shutil.rmtree(out.path, ignore_errors=out.provenance is not None)
 
 
 def _remove_stale_partials(plan: SweepPlan, display: Display) -> None:
@@ -570,12 +567,14 @@ def run_sweep(
     keep: bool = True,
     display: Display = QUIET,
     threads: int = 1,
-    ray: RayMerge | None = None,
+    ray: RayOptions | None = None,
+    score: Callable[[Path], Any] | None = None,
 ) -> SweepResult:
     """Compute the plan's unfinished windows, pass by pass, handing each finished window to ``on_window``.
 
-    ``ray``: each pass is one Ray task (see :func:`ray_passes`); the driver still hands the windows over, one
-    by one, as their passes come back, so ``on_window`` and the deletions run here as on one machine.
+    ``ray``: each pass is one Ray task (see :func:`ray_passes`), which also runs ``score`` on each window it
+    built (the result is the window's ``scores``); the driver still hands the windows over, one by one, as their
+    passes come back, so ``on_window`` and the tombstones of deleted windows are written here as on one machine.
 
     Windows an earlier run finished (and left on disk) are handed over first, without recomputing them.
     ``keep=False`` deletes each window after ``on_window`` returns (leaving ``NAME.deleted.json``, so a
@@ -607,7 +606,7 @@ def run_sweep(
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
         with display.bytes(description, plan.bytes_read) as bar, contextlib.ExitStack() as stack:
             passes = (
-                stack.enter_context(contextlib.closing(ray_passes(plan, ray, threads, bar)))
+                stack.enter_context(contextlib.closing(ray_passes(plan, ray, threads, bar, score=score, keep=keep)))
                 if ray is not None
                 else local_passes(plan, accs, bar, description)
             )
@@ -618,7 +617,15 @@ def run_sweep(
                     for line in nonfinite_lines(done.nonfinite):
                         display.note(f"warning: {done.window.name}: {line}")
                     done.path.with_name(done.path.name + DELETED_SUFFIX).unlink(missing_ok=True)
-                    out = WindowOutput(done.window, done.path, plan.plans[done.window.name], done.files, computed=True)
+                    out = WindowOutput(
+                        done.window,
+                        done.path,
+                        plan.plans[done.window.name],
+                        done.files,
+                        computed=True,
+                        scores=done.scores,
+                        provenance=done.provenance,
+                    )
                     result.bytes_written += out.plan.bytes_written
                     result.outputs.append(out)
                     _hand_over(out, on_window, keep, threads=caller_threads)
@@ -636,16 +643,25 @@ def local_passes(
         yield run_pass(_pass(plan, batch), accs, bar)
 
 
-def ray_passes(plan: SweepPlan, settings: RayMerge, threads: int, bar: Any) -> Iterator[tuple[list[WindowFiles], int]]:
+def ray_passes(
+    plan: SweepPlan,
+    settings: RayOptions,
+    threads: int,
+    bar: Any,
+    *,
+    score: Callable[[Path], Any] | None = None,
+    keep: bool = True,
+) -> Iterator[tuple[list[WindowFiles], int]]:
     """Each pass as one Ray task (:func:`ray_pass`), yielded as it comes back: the shared read stays per pass,
     so each source byte is read once per pass, as on one machine, and the passes run side by side.
 
-    Sources and ``plan.root`` must be at paths every worker sees. A task whose worker dies is retried once; one
-    that fails twice fails the sweep with one line naming its pass and windows; the windows of passes already
-    back stay committed (complete, and skipped by a rerun), those of the failed pass were never committed.
-    Without ``keep``, up to one pass's windows per running task exist at once (``max_windows_on_disk`` is per
-    pass)."""
-    refuse_stream(plan.stream)
+    The task reads the sources itself: at paths every worker sees, or from the Hub (``fetch: stream``). It runs
+    ``score`` on every window it built (on its own GPU where it asked for one), so only scores come back. Without
+    ``keep`` it deletes each window once scored, and a worker that cannot see ``plan.root`` builds its windows in
+    a folder of its own; with ``keep`` the windows are the output, and ``plan.root`` must be shared. A task whose
+    worker dies is retried once; one that fails twice fails the sweep with one line naming its pass and windows;
+    the windows of passes already back stay committed (complete, and skipped by a rerun), those of the failed
+    pass were never committed."""
     ray = import_ray()
     gpus = task_gpus(ray, settings, "cpu")
     remote = ray.remote(
@@ -653,9 +669,12 @@ def ray_passes(plan: SweepPlan, settings: RayMerge, threads: int, bar: Any) -> I
     )(ray_pass)
     plan.root.mkdir(parents=True, exist_ok=True)  # made here, so that a worker that cannot see it can say so
     plan_ref = ray.put(plan)
+    score_ref = ray.put(score)
     total = len(plan.batches)
     names = {
-        remote.remote(plan_ref, i, threads): f"sweep pass {i + 1}/{total} ({', '.join(w.name for w in batch)})"
+        remote.remote(plan_ref, i, threads, score_ref, keep, settings.output): (
+            f"sweep pass {i + 1}/{total} ({', '.join(w.name for w in batch)})"
+        )
         for i, batch in enumerate(plan.batches)
     }
     try:
@@ -669,38 +688,100 @@ def ray_passes(plan: SweepPlan, settings: RayMerge, threads: int, bar: Any) -> I
         _remove_stale_partials(plan, QUIET)
 
 
-def ray_pass(plan: SweepPlan, index: int, threads: int) -> tuple[list[WindowFiles], int]:
-    """A Ray task: run pass ``index`` of ``plan`` on this worker, committing its windows under ``plan.root``.
+def ray_pass(
+    plan: SweepPlan,
+    index: int,
+    threads: int,
+    score: Callable[[Path], Any] | None = None,
+    keep: bool = True,
+    output: str = "auto",
+) -> tuple[list[WindowFiles], int]:
+    """A Ray task: run pass ``index`` of ``plan`` on this worker, then ``score`` each of its windows.
 
-    A retry after a killed attempt first removes that attempt's partial folders, and does not rebuild a window
-    the killed attempt had already committed (its folder matches its ``hubmerge.json``): it is returned as is."""
+    The windows are committed under ``plan.root`` when this worker sees it, else (without ``keep``) under a
+    folder of its own, removed at the end. Without ``keep`` each window is deleted once scored and its
+    ``hubmerge.json`` comes back instead, for the driver's tombstone. A retry after a killed attempt first removes
+    that attempt's partial folders, and does not rebuild a window the killed attempt had already committed (its
+    folder matches its ``hubmerge.json``): it is scored as it is."""
     import torch
 
     batch = plan.batches[index]
-    if not plan.root.is_dir():
+    visible = plan.root.is_dir()
+    if output == "shared" and not visible:
         raise OutputError(
             f"{plan.root}: the sweep's output folder is not visible on this Ray worker (pid {os.getpid()}); "
-            "--ray writes output.path from every worker: put it on a file system they all share",
+            "--ray-output shared needs output.path on a file system every worker shares",
             path=plan.root,
         )
-    finished: list[WindowFiles] = []
-    rest = []
+    private = output == "driver" or not visible
+    if private and (keep or score is None):
+        where = "is not visible on this Ray worker" if not visible else "is not for workers (--ray-output driver)"
+        raise OutputError(
+            f"{plan.root}: the sweep keeps its windows, and its output folder {where} (pid {os.getpid()}); put "
+            "output.path on a file system every worker shares, or sweep with --no-keep, so that each worker scores "
+            "its windows and only their scores come back",
+            path=plan.root,
+        )
+    own = Path(tempfile.mkdtemp(prefix="hubmerge-sweep-")) if private else None
+    try:
+        local = with_local_sidecars(rebased(plan, own) if own is not None else plan, batch)
+        finished: list[WindowFiles] = []
+        rest = []
+        for w in batch:
+            out = local.plans[w.name].output
+            remove_dead_partials(out)
+            if w.size > 1 and not plan.force and out.is_dir() and incomplete_reason(out, local.plans[w.name]) is None:
+                files = json.loads((out / PROVENANCE_FILE).read_text())["files"]
+                finished.append(WindowFiles(w, out, files))
+            else:
+                rest.append(w)
+        nread = 0
+        if rest:
+            name = f"pass-{index + 1}"
+
+            def describe(_: Any) -> str:  # called per tensor: where the test-only fault hook can kill the worker
+                crash_hook(name)
+                return ""
+
+            with torch_threads(threads):
+                accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(max_open_windows(rest))]
+                with QUIET.bytes("", 0) as bar:
+                    committed, nread = run_pass(_pass(local, rest), accs, bar, describe=describe)
+            finished += committed
+        for done in finished:
+            if score is None:
+                continue
+            done.scores = score(done.path)
+            if not keep or done.window.size == 1:  # scored: only its provenance goes back, for the tombstone
+                done.provenance = (done.path / PROVENANCE_FILE).read_text()
+                shutil.rmtree(done.path)
+            done.path = plan.plans[done.window.name].output  # the driver's name for it
+        return finished, nread
+    finally:
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+
+
+def rebased(plan: SweepPlan, root: Path) -> SweepPlan:
+    """The plan with every window's output under ``root``: a worker's own folder, when it cannot see the
+    driver's. Only where the windows are built changes; their files, hashes and ``hubmerge.json`` do not."""
+    plans = {name: replace(p, output=root / p.output.name) for name, p in plan.plans.items()}
+    return replace(plan, root=root, plans=plans)
+
+
+def with_local_sidecars(plan: SweepPlan, batch: Sequence[Window]) -> SweepPlan:
+    """A streamed plan whose windows copy config and tokenizer from this worker's own HF cache: the driver's
+    snapshot folders are not there on another machine, so the stream fetches them (see ``StreamPlan.snapshot``).
+    Sources at paths every worker sees are left as they are."""
+    if plan.stream is None or plan.stream.snapshot is None:
+        return plan
+    plans = dict(plan.plans)
     for w in batch:
-        out = plan.plans[w.name].output
-        remove_dead_partials(out)
-        if w.size > 1 and not plan.force and out.is_dir() and incomplete_reason(out, plan.plans[w.name]) is None:
-            files = json.loads((out / PROVENANCE_FILE).read_text())["files"]
-            finished.append(WindowFiles(w, out, files))
-        else:
-            rest.append(w)
-    if not rest:
-        return finished, 0
-    name = f"pass-{index + 1}"
-    with torch_threads(threads):
-        accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(max_open_windows(rest))]
-        with QUIET.bytes("", 0) as bar:
-            committed, nread = run_pass(_pass(plan, rest), accs, bar, describe=lambda k: crash_hook(name) or "")
-    return finished + committed, nread
+        p = plans[w.name]
+        folder = plan.stream.snapshot(w.end)
+        if folder != p.checkpoints[-1].path:
+            plans[w.name] = replace(p, checkpoints=[*p.checkpoints[:-1], replace(p.checkpoints[-1], path=folder)])
+    return replace(plan, plans=plans)
 
 
 def sweep(

@@ -17,9 +17,10 @@ from hubmerge.hub.pull import HubResolution, check_remote_headers, fetch_kept, p
 from hubmerge.hub.revisions import Revision, resolve_selection
 from hubmerge.hub.stream import OpenedStream, check_stream_order, open_stream
 from hubmerge.io.checkpoint import SourceRef, byte_order, identical_weights, open_checkpoint
+from hubmerge.io.cluster import RayOptions, import_ray
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.sizes import format_size
-from hubmerge.merging.distributed import RayMerge, execute_on_ray, import_ray
+from hubmerge.merging.distributed import execute_on_ray
 from hubmerge.merging.executor import MergeResult, execute
 from hubmerge.merging.methods import normalised_weights
 from hubmerge.merging.plan import MergePlan, StreamPlan, TensorPlan, build_plan, check_disk_space
@@ -159,7 +160,13 @@ def stream_plan(tensors: list[TensorPlan], opened: OpenedStream) -> StreamPlan:
     order = byte_order(tensors, checkpoints[-1])
     check_stream_order(order, sources, checkpoints)
     return StreamPlan(
-        order, streams.open_reader, streams.total_bytes, streams.file_count, streams.connections, streams.max_in_flight
+        order,
+        streams.open_reader,
+        streams.total_bytes,
+        streams.file_count,
+        streams.connections,
+        streams.max_in_flight,
+        streams.snapshot,
     )
 
 
@@ -320,7 +327,7 @@ def merge_recipe(
     device: str = "cpu",
     threads: int = 1,
     stream: bool | None = None,
-    ray: RayMerge | None = None,
+    ray: RayOptions | None = None,
 ) -> MergeOutcome:
     """``hubmerge merge RECIPE``: plan (check and pull Hub sources, or open them to stream), merge into
     ``output.path``, then evaluate, write the card and push as the recipe says. ``recipe`` is a parsed document or
@@ -341,7 +348,7 @@ def run_merge(
     force: bool = False,
     display: Display = QUIET,
     threads: int = 1,
-    ray: RayMerge | None = None,
+    ray: RayOptions | None = None,
 ) -> MergeResult:
     """Carry out a merge's plan on this machine, or with one Ray task per output shard when ``ray`` is given."""
     if ray is not None:

@@ -25,7 +25,9 @@ from hubmerge.evaluation.runner import (
     load_tasks,
     plan_eval,
     run_eval,
+    score_task,
     source_targets,
+    store_batch,
     target_from_folder,
     task_groups,
 )
@@ -35,9 +37,9 @@ from hubmerge.hub.pull import resolve_hub_sources
 from hubmerge.hub.revisions import parse_revision
 from hubmerge.hub.stream import OpenedStream, open_stream
 from hubmerge.io.checkpoint import SourceRef
+from hubmerge.io.cluster import RayOptions, check_resources, cluster_gpus, ray_session
 from hubmerge.io.files import atomic_write
 from hubmerge.io.progress import QUIET, Display
-from hubmerge.merging.distributed import RayMerge, ray_session, refuse_stream, task_gpus
 from hubmerge.merging.recipe import HubSources, RecipeDocument, load_recipe
 from hubmerge.merging.sweep import DELETED_SUFFIX, WindowOutput, plan_sweep, run_sweep, window_positions
 from hubmerge.results.keys import model_key, task_key
@@ -231,7 +233,7 @@ def run_sweep_recipe(
     keep: bool | None = None,
     out: str | Path | None = None,
     stream: bool | None = None,
-    ray: RayMerge | None = None,
+    ray: RayOptions | None = None,
 ) -> SweepReport:
     """``hubmerge sweep RECIPE``: score the raw checkpoints, build and score every averaged window (one shared
     read), compute the ensembles from stored scores, and write the stability report and recommendation.
@@ -240,22 +242,44 @@ def run_sweep_recipe(
     :mod:`hubmerge.hub.stream`); raw checkpoints are then scored from exact copies written in the same pass.
 
     ``ray``: the same sweep on a Ray cluster, one Ray instance for the whole command. Each pass is one Ray task
-    that builds its windows under ``output.path`` (a path every worker sees); every window and raw checkpoint
-    is then scored by (model, task) Ray tasks that return their rows, and only this driver writes the store and
-    the report, so both equal a one-machine sweep's."""
+    that reads its sources (paths every worker sees, or the Hub when streamed), builds its windows, scores them
+    on the recipe's tasks (on a GPU where the cluster has one) and returns their rows; the raw checkpoints are
+    scored by (model, task) Ray tasks. Only this driver writes the store and the report, so both equal a
+    one-machine sweep's."""
     if ray is not None:
         with ray_session(ray.address) as session:
             return _sweep(recipe, client, display, keep, out, stream, ray, ray_eval_resources(session, ray))
     return _sweep(recipe, client, display, keep, out, stream, None, None)
 
 
-def ray_eval_resources(session: Any, ray: RayMerge) -> dict[str, float]:
-    """What each scoring task asks for: the CPUs given, and one GPU where the cluster has one (unless told)."""
+def ray_eval_resources(session: Any, ray: RayOptions) -> dict[str, float]:
+    """What each task that scores asks for: the CPUs given, and one GPU where the cluster has one (unless told)."""
     gpus = ray.gpus_per_task
     if gpus is None:
-        gpus = 1.0 if session.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    task_gpus(session, dataclasses.replace(ray, gpus_per_task=gpus), "cpu")  # more than the cluster has: one line
+        gpus = 1.0 if cluster_gpus(session) >= 1 else 0.0
+    check_resources(session, ray.cpus_per_task, gpus)  # more than the cluster has: one line
     return {"num_cpus": ray.cpus_per_task, "num_gpus": gpus}
+
+
+@dataclass(frozen=True)
+class WindowScorer:
+    """What a sweep's Ray task runs on each window it has built: every example of the recipe's tasks, scored
+    where the window is, as column batches for the store (keyed by task). The model leaves no worker."""
+
+    tasks: list[TaskData]
+    batch_size: int | None
+    device: str
+
+    def __call__(self, path: Path) -> dict[str, list[dict[str, Any]]]:
+        from hubmerge.evaluation.scoring import load_model
+
+        model, tokenizer = load_model(path, device=self.device)
+        return {
+            task_key(t.spec.name, t.data_hash): score_task(
+                model, tokenizer, t, [ex.doc_id for ex in t.examples], batch_size=self.batch_size, device=self.device
+            )
+            for t in self.tasks
+        }
 
 
 def _sweep(
@@ -265,7 +289,7 @@ def _sweep(
     keep: bool | None,
     out: str | Path | None,
     stream: bool | None,
-    ray: RayMerge | None,
+    ray: RayOptions | None,
     resources: dict[str, float] | None,
 ) -> SweepReport:
     """The sweep itself; ``ray`` and ``resources`` (the scoring tasks') are set together or not at all."""
@@ -282,8 +306,6 @@ def _sweep(
     if isinstance(recipe_.sources, HubSources):
         hub = recipe_.sources
         streamed = stream if stream is not None else hub.fetch == "stream"
-        if streamed and ray is not None:
-            refuse_stream(streamed)
         if streamed:
             check_online(doc, client)
         resolved = resolve_hub_sources(
@@ -337,10 +359,17 @@ def _sweep(
     def on_window(wo: WindowOutput) -> None:
         if wo.window.size == 1:  # a raw checkpoint's exact copy, scored under the checkpoint's own key
             target = dataclasses.replace(raw[wo.window.start], path=wo.path)
+        elif wo.scores is not None:  # scored (and perhaps deleted) by its Ray task: its hashes came back with it
+            shards = [h for f, h in wo.files.items() if f.endswith(".safetensors")]
+            target = EvalTarget(wo.window.name, shards, path=wo.path)
         else:
             target = target_from_folder(wo.path, label=wo.window.name)
+        if wo.window.size > 1:
             window_keys[wo.window.name] = target.key
-        run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display, **on_ray)
+        if wo.scores is not None:
+            store_scores(store, target, tasks, wo.scores)
+        else:
+            run_eval(plan_eval([target], tasks, store), store, batch_size=bs, display=display, **on_ray)
 
     result = None
     windows = []
@@ -362,7 +391,11 @@ def _sweep(
             **(stream_options(opened, copies) if opened is not None else {}),
         )
         windows = splan.windows
-        result = run_sweep(splan, on_window=on_window, keep=keep, display=display, ray=ray)
+        pass_ray, scorer = None, None
+        if ray is not None and resources is not None:
+            pass_ray = dataclasses.replace(ray, gpus_per_task=resources["num_gpus"])
+            scorer = WindowScorer(tasks, bs, device)
+        result = run_sweep(splan, on_window=on_window, keep=keep, display=display, ray=pass_ray, score=scorer)
         for name in result.skipped:  # deleted in an earlier run: its scores are in the store
             window_keys[name] = _window_key_of_tombstone(root / f"{name}{DELETED_SUFFIX}")
 
@@ -407,6 +440,18 @@ def _sweep(
     atomic_write(out_dir / "recommendation.json", json.dumps(report.recommendation, indent=2) + "\n")
     report.files.append(out_dir / "recommendation.json")
     return report
+
+
+def store_scores(
+    store: ResultsStore, target: EvalTarget, tasks: list[TaskData], scores: dict[str, list[dict[str, Any]]]
+) -> None:
+    """A window's rows, scored by its Ray task, into the store, as ``run_eval`` would have stored them here."""
+    for task in tasks:
+        store.register_task(task)
+    store.register_checkpoint(target)
+    for key, batches in scores.items():
+        for batch in batches:
+            store_batch(store, target.key, key, batch)
 
 
 def streamed_targets(sources: list[SourceRef]) -> list[EvalTarget]:
