@@ -280,3 +280,16 @@ def test_a_worker_that_cannot_see_the_output_returns_the_shard_unless_told_it_is
     with pytest.raises(OutputError, match="not visible on this Ray worker.*--ray-output auto"):
         write_shard(plan, 1, plan.sources, unseen, threads=1, output="shared")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_memory_no_node_could_offer_is_a_one_line_usage_error():
+    """Ray would wait for ever for a task asking more memory than the cluster offers; the check says so first."""
+    from types import SimpleNamespace
+
+    from hubmerge.errors import InvalidValueError
+    from hubmerge.io.cluster import check_resources
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0, "memory": 8 * 2**30})
+    check_resources(cluster, 1, 0, 4 * 2**30)  # fits: nothing said
+    with pytest.raises(InvalidValueError, match=r"about 17.18 GB of memory, and the Ray cluster offers 8.59 GB"):
+        check_resources(cluster, 1, 0, 16 * 2**30)

@@ -751,6 +751,8 @@ def sweep(
             data={
                 "recommendation": report.recommendation,
                 "files": [str(p) for p in report.files],
+                "windows": report.windows,
+                "bytes_read": report.bytes_read,
                 "comparison": report.comparison.to_dict(),
             }
         )

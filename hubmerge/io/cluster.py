@@ -21,6 +21,7 @@ from typing import Any
 
 from hubmerge.errors import ClusterError, HubmergeError, InvalidValueError, MissingExtraError
 from hubmerge.io.env import kept_signal_handlers
+from hubmerge.io.sizes import format_size
 
 # Attempts of one task after the first: a task that fails twice fails the run.
 RAY_RETRIES = 1
@@ -68,7 +69,16 @@ def ray_session(address: str | None) -> Iterator[Any]:
     started = not ray.is_initialized()
     with kept_signal_handlers():
         if started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except Exception as e:  # noqa: BLE001 - Ray's own errors (no cluster there, refused auth) are not typed
+                where = f"the Ray cluster at {address}" if address else "a Ray cluster (RAY_ADDRESS, or a local one)"
+                what = str(e).strip().splitlines()
+                raise ClusterError(
+                    f"could not start or join {where} ({type(e).__name__}: {what[0] if what else 'no message'}); "
+                    "check the address, and that this machine may join it (Ray's token authentication: "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_MODE)"
+                ) from None
         try:
             yield ray
         finally:
@@ -76,15 +86,22 @@ def ray_session(address: str | None) -> Iterator[Any]:
                 ray.shutdown()
 
 
-def check_resources(ray: Any, cpus: float, gpus: float) -> None:
-    """Asking for more CPUs or GPUs per task than the whole cluster has is one line, since Ray would wait for them
-    for ever."""
+def check_resources(ray: Any, cpus: float, gpus: float, memory: int = 0) -> None:
+    """Asking for more CPUs, GPUs or memory per task than the whole cluster has is one line, since Ray would wait
+    for them for ever. (Memory is Ray's logical resource, what each node offers tasks; a task's is its bound.)"""
     cluster = ray.cluster_resources()
     for flag, asked, kind in (("--ray-cpus-per-task", cpus, "CPU"), ("--ray-gpus-per-task", gpus, "GPU")):
         if asked > cluster.get(kind, 0):
             raise InvalidValueError(
                 f"{flag} {asked:g}: the Ray cluster has {cluster.get(kind, 0):g} {kind}s in all, so no task could start"
             )
+    offered = cluster.get("memory", 0)
+    if memory > offered:
+        raise InvalidValueError(
+            f"each task needs about {format_size(memory)} of memory, and the Ray cluster offers "
+            f"{format_size(offered)} in all, so no task could start; use machines with more memory or lower the "
+            "bound (output.max_shard_size for a merge, sweep.max_windows_on_disk for a sweep)"
+        )
 
 
 def cluster_gpus(ray: Any) -> float:

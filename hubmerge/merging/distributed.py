@@ -151,12 +151,13 @@ def write_shard(
     return ShardDone(shard.file, digest, size, dict(checks.in_sources), dict(checks.in_outputs), bytes_read, data)
 
 
-def task_gpus(ray: Any, settings: RayOptions, device: str) -> float:
-    """The GPUs each task asks for (default: 1 when accumulating on cuda), checked against the cluster's."""
+def task_gpus(ray: Any, settings: RayOptions, device: str, memory: int = 0) -> float:
+    """The GPUs each task asks for (default: 1 when accumulating on cuda); they, its CPUs and its ``memory`` are
+    checked against the cluster's."""
     gpus = settings.gpus_per_task
     if gpus is None:
         gpus = 1 if device.startswith("cuda") else 0
-    check_resources(ray, settings.cpus_per_task, gpus)
+    check_resources(ray, settings.cpus_per_task, gpus, memory)
     return gpus
 
 
@@ -199,7 +200,7 @@ def run_tasks(
     The first task that fails for good cancels the rest (so none writes on into a folder about to be removed)
     and fails the merge: a hubmerge error raised in the task as it is (its exit code and message), anything
     else (a worker that died on every attempt) as one line naming the shard."""
-    gpus = task_gpus(ray, settings, plan.device)
+    gpus = task_gpus(ray, settings, plan.device, plan.memory_estimate)
     remote = ray.remote(
         num_cpus=settings.cpus_per_task, num_gpus=gpus, memory=plan.memory_estimate, max_retries=RAY_RETRIES
     )(write_shard)

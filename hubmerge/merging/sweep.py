@@ -569,6 +569,7 @@ def run_sweep(
     threads: int = 1,
     ray: RayOptions | None = None,
     score: Callable[[Path], Any] | None = None,
+    score_memory: int = 0,
 ) -> SweepResult:
     """Compute the plan's unfinished windows, pass by pass, handing each finished window to ``on_window``.
 
@@ -606,7 +607,11 @@ def run_sweep(
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
         with display.bytes(description, plan.bytes_read) as bar, contextlib.ExitStack() as stack:
             passes = (
-                stack.enter_context(contextlib.closing(ray_passes(plan, ray, threads, bar, score=score, keep=keep)))
+                stack.enter_context(
+                    contextlib.closing(
+                        ray_passes(plan, ray, threads, bar, score=score, keep=keep, score_memory=score_memory)
+                    )
+                )
                 if ray is not None
                 else local_passes(plan, accs, bar, description)
             )
@@ -651,6 +656,7 @@ def ray_passes(
     *,
     score: Callable[[Path], Any] | None = None,
     keep: bool = True,
+    score_memory: int = 0,
 ) -> Iterator[tuple[list[WindowFiles], int]]:
     """Each pass as one Ray task (:func:`ray_pass`), yielded as it comes back: the shared read stays per pass,
     so each source byte is read once per pass, as on one machine, and the passes run side by side.
@@ -661,12 +667,14 @@ def ray_passes(
     a folder of its own; with ``keep`` the windows are the output, and ``plan.root`` must be shared. A task whose
     worker dies is retried once; one that fails twice fails the sweep with one line naming its pass and windows;
     the windows of passes already back stay committed (complete, and skipped by a rerun), those of the failed
-    pass were never committed."""
+    pass were never committed. Each task asks for the pass's memory bound plus ``score_memory`` (a model loaded
+    to score it, as the caller estimates it)."""
     ray = import_ray()
-    gpus = task_gpus(ray, settings, "cpu")
-    remote = ray.remote(
-        num_cpus=settings.cpus_per_task, num_gpus=gpus, memory=plan.memory_estimate, max_retries=RAY_RETRIES
-    )(ray_pass)
+    memory = plan.memory_estimate + (score_memory if score is not None else 0)
+    gpus = task_gpus(ray, settings, "cpu", memory)
+    remote = ray.remote(num_cpus=settings.cpus_per_task, num_gpus=gpus, memory=memory, max_retries=RAY_RETRIES)(
+        ray_pass
+    )
     plan.root.mkdir(parents=True, exist_ok=True)  # made here, so that a worker that cannot see it can say so
     plan_ref = ray.put(plan)
     score_ref = ray.put(score)

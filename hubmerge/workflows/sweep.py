@@ -261,6 +261,11 @@ def ray_eval_resources(session: Any, ray: RayOptions) -> dict[str, float]:
     return {"num_cpus": ray.cpus_per_task, "num_gpus": gpus}
 
 
+# What a pass task asks Ray for on top of its merge's bound, per parameter, to score a window: an allowance (not a
+# measured peak) of the model in float32 (4 bytes) and as much again for activations, tokenizer and the rest.
+SCORING_MEMORY_FACTOR = 8
+
+
 @dataclass(frozen=True)
 class WindowScorer:
     """What a sweep's Ray task runs on each window it has built: every example of the recipe's tasks, scored
@@ -395,7 +400,15 @@ def _sweep(
         if ray is not None and resources is not None:
             pass_ray = dataclasses.replace(ray, gpus_per_task=resources["num_gpus"])
             scorer = WindowScorer(tasks, bs, device)
-        result = run_sweep(splan, on_window=on_window, keep=keep, display=display, ray=pass_ray, score=scorer)
+        result = run_sweep(
+            splan,
+            on_window=on_window,
+            keep=keep,
+            display=display,
+            ray=pass_ray,
+            score=scorer,
+            score_memory=SCORING_MEMORY_FACTOR * sum(t.numel for t in splan.tensors),
+        )
         for name in result.skipped:  # deleted in an earlier run: its scores are in the store
             window_keys[name] = _window_key_of_tombstone(root / f"{name}{DELETED_SUFFIX}")
 
