@@ -258,7 +258,18 @@ def ray_eval_resources(session: Any, ray: RayOptions) -> dict[str, float]:
     if gpus is None:
         gpus = 1.0 if cluster_gpus(session) >= 1 else 0.0
     check_resources(session, ray.cpus_per_task, gpus)  # more than the cluster has: one line
-    return {"num_cpus": ray.cpus_per_task, "num_gpus": gpus}
+    cluster = session.cluster_resources()
+    slots = math.floor(cluster.get("CPU", 0) / ray.cpus_per_task)
+    if gpus > 0:
+        slots = min(slots, math.floor(cluster.get("GPU", 0) / gpus))
+    return {"num_cpus": ray.cpus_per_task, "num_gpus": gpus, "slots": max(1, slots)}
+
+
+def windows_per_pass(windows: int, slots: int) -> int:
+    """A Ray sweep's passes when the recipe sets no ``max_windows_on_disk``: one per task the cluster can run at once
+    (each pass builds and scores its windows on one worker, so fewer passes leave workers idle, more read the
+    sources more often). Windows are cut in order of their last source, so each pass spans few sources."""
+    return max(1, math.ceil(windows / max(1, slots)))
 
 
 # What a pass task asks Ray for on top of its merge's bound, per parameter, to score a window: an allowance (not a
@@ -297,9 +308,11 @@ def _sweep(
     ray: RayOptions | None,
     resources: dict[str, float] | None,
 ) -> SweepReport:
-    """The sweep itself; ``ray`` and ``resources`` (the scoring tasks') are set together or not at all."""
+    """The sweep itself; ``ray`` and ``resources`` (what the scoring tasks ask for, and how many the cluster runs
+    at once: ``slots``) are set together or not at all."""
     device = "cuda" if resources and resources["num_gpus"] > 0 else "cpu"
-    on_ray: dict[str, Any] = {"use_ray": True, "ray_resources": resources, "device": device} if ray else {}
+    asked = {k: v for k, v in (resources or {}).items() if k in ("num_cpus", "num_gpus")}
+    on_ray: dict[str, Any] = {"use_ray": True, "ray_resources": asked, "device": device} if ray else {}
     doc = recipe if isinstance(recipe, RecipeDocument) else load_recipe(recipe)
     recipe_ = doc.recipe
     where = doc.where
@@ -378,6 +391,14 @@ def _sweep(
 
     result = None
     windows = []
+    per_pass = sweep_cfg.max_windows_on_disk
+    if per_pass is None and resources is not None:
+        count = len(window_positions(len(sources), averaged_sizes, sweep_cfg.stride)) + len(copies)
+        per_pass = windows_per_pass(count, int(resources["slots"]))
+        display.note(
+            f"--ray: {count} windows in passes of at most {per_pass}, one a task the cluster runs at once "
+            f"({int(resources['slots'])}); set sweep.max_windows_on_disk to choose"
+        )
     if averaged_sizes or copies:
         splan = plan_sweep(
             sources,
@@ -389,7 +410,7 @@ def _sweep(
             weights=sweep_cfg.weights,
             dtype=recipe_.dtype,
             max_shard_size=recipe_.output.max_shard_size,
-            max_windows_on_disk=sweep_cfg.max_windows_on_disk,
+            max_windows_on_disk=per_pass,
             name=recipe_.name,
             nonfinite=recipe_.nonfinite,
             keep=keep,
