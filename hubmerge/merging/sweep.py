@@ -723,11 +723,12 @@ def ray_pass(
         )
     private = output == "driver" or not visible
     if private and (keep or score is None):
-        where = "is not visible on this Ray worker" if not visible else "is not for workers (--ray-output driver)"
+        where = "is not visible on this Ray worker" if not visible else "is left to the driver (--ray-output driver)"
+        why = "the sweep keeps its windows" if keep else "nothing scores the windows on the worker"
         raise OutputError(
-            f"{plan.root}: the sweep keeps its windows, and its output folder {where} (pid {os.getpid()}); put "
-            "output.path on a file system every worker shares, or sweep with --no-keep, so that each worker scores "
-            "its windows and only their scores come back",
+            f"{plan.root}: {why}, and its output folder {where} (pid {os.getpid()}); put output.path on a file "
+            "system every worker shares, or sweep with --no-keep, so that each worker scores its windows and only "
+            "their scores come back",
             path=plan.root,
         )
     own = Path(tempfile.mkdtemp(prefix="hubmerge-sweep-")) if private else None
