@@ -195,9 +195,9 @@ class Stages:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    from hubmerge.io.files import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- convert
